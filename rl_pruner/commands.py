@@ -1,0 +1,269 @@
+"""What each CLI subcommand does; :mod:`rl_pruner.cli` parses the arguments."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from rl_pruner.data import build_image_folder, load_batches, subset_indices
+from rl_pruner.engine.macs import count_macs, count_params
+from rl_pruner.engine.pruner import Pruner
+from rl_pruner.engine.serialization import pruned_model_record, save_pruned_model
+from rl_pruner.errors import InputError
+from rl_pruner.evaluation import check_num_classes, evaluate_top1, measure_latency
+from rl_pruner.models.registry import LoadedModel, load_model
+from rl_pruner.policy import Policy
+
+logger = logging.getLogger(__name__)
+
+
+def _load(args: argparse.Namespace) -> LoadedModel:
+    _check_positive(args.input_size, "--input-size", unit="pixels")
+    return load_model(
+        args.model, args.checkpoint, trust_pickle=args.trust_pickle, input_size=args.input_size
+    )
+
+
+def _check_positive(value: int | None, flag: str, allow_zero: bool = False, unit: str = "images") -> None:
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        raise InputError(f"{flag} is {value}; it must be a positive number of {unit}")
+
+
+def _training_batches(loaded: LoadedModel, data: str, n_images: int, seed: int, batch_size: int) -> list:
+    dataset = build_image_folder(data, image_size=loaded.image_size, normalization=loaded.normalization)
+    check_num_classes(loaded.num_classes, dataset.classes, data)
+    indices = subset_indices(len(dataset), n_images, seed)
+    return load_batches(dataset, indices, batch_size)
+
+
+def _stage_channels(model: nn.Module) -> dict[str, int]:
+    """Output channels of all convolutions under each top-level module."""
+    channels: dict[str, int] = defaultdict(int)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+            channels[name.split(".")[0]] += module.out_channels
+    return dict(channels)
+
+
+def _human(count: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(count) >= scale:
+            return f"{count / scale:.2f} {unit}"
+    return f"{count:.0f}"
+
+
+# inspect
+
+def run_inspect(args: argparse.Namespace) -> dict[str, Any]:
+    loaded = _load(args)
+    if loaded.pruned is not None:
+        return {
+            "model": args.model, "architecture": loaded.architecture, "pruned": True,
+            "input_shape": list(loaded.input_shape),
+            "macs": count_macs(loaded.model, loaded.input_shape), "params": count_params(loaded.model),
+            "dropped_blocks": loaded.pruned["dropped_blocks"],
+            "channels_per_stage": _stage_channels(loaded.model),
+        }
+    structure = Pruner(loaded).structure
+    return {
+        "model": args.model,
+        "architecture": loaded.architecture,
+        "pruned": False,
+        "input_shape": list(loaded.input_shape),
+        "fingerprint": structure.fingerprint,
+        "macs": structure.dense_macs,
+        "params": structure.dense_params,
+        "layers": [
+            {
+                "index": layer.index, "name": layer.name, "kind": layer.kind, "channels": layer.channels,
+                "in_channels": layer.in_channels, "kernel_size": layer.kernel_size, "stride": layer.stride,
+                "macs": layer.macs, "params": layer.params, "block": layer.block,
+                "group": sorted({m.module_name for m in layer.members}),
+            }
+            for layer in structure.layers
+        ],
+        "removable_blocks": [
+            {"name": b.name, "first_layer": b.first_layer, "macs": b.macs, "params": b.params}
+            for b in structure.blocks
+        ],
+        "classifier": structure.output_module,
+    }
+
+
+def report_inspect(result: dict[str, Any]) -> str:
+    lines = [f"model {result['model']} ({result['architecture']}), input {result['input_shape']}",
+             f"MACs {_human(result['macs'])} ({result['macs']:,}), params {_human(result['params'])} ({result['params']:,})"]
+    if result["pruned"]:
+        lines.append(f"pruned model; dropped blocks: {', '.join(result['dropped_blocks']) or 'none'}")
+        return "\n".join(lines) + "\n"
+    lines.append(f"structure {result['fingerprint']}; classifier {result['classifier']} is never pruned")
+    lines.append("")
+    lines.append(f"{'#':>3} {'layer':<28} {'kind':<6} {'ch':>5} {'k':>2} {'s':>2} {'MACs':>10} {'group':>6}  block")
+    for layer in result["layers"]:
+        lines.append(
+            f"{layer['index']:>3} {layer['name']:<28} {layer['kind']:<6} {layer['channels']:>5} "
+            f"{layer['kernel_size']:>2} {layer['stride']:>2} {_human(layer['macs']):>10} "
+            f"{len(layer['group']):>6}  {layer['block'] or '-'}"
+        )
+    lines.append("")
+    lines.append(f"{len(result['removable_blocks'])} removable blocks:")
+    for block in result["removable_blocks"]:
+        lines.append(f"  {block['name']:<20} MACs {_human(block['macs']):>10}  params {_human(block['params']):>9}")
+    return "\n".join(lines) + "\n"
+
+
+# evaluate
+
+def run_evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    _check_positive(args.limit, "--limit")
+    _check_positive(args.batch_size, "--batch-size")
+    _check_positive(args.latency_batch, "--latency-batch")
+    loaded = _load(args)
+    dataset = build_image_folder(args.data, image_size=loaded.image_size, normalization=loaded.normalization)
+    check_num_classes(loaded.num_classes, dataset.classes, args.data)
+    indices = subset_indices(len(dataset), args.limit, args.seed)
+    from rl_pruner.data import make_loader
+
+    loader = make_loader(dataset, indices, batch_size=args.batch_size)
+    top1 = evaluate_top1(loaded.model, loader)
+    latency = measure_latency(
+        loaded.model, loaded.input_shape, batch_size=args.latency_batch, warmup=3, repeats=10
+    )
+    return {
+        "model": args.model,
+        "data": str(args.data),
+        "images": len(indices),
+        "top1": top1,
+        "macs": count_macs(loaded.model, loaded.input_shape),
+        "params": count_params(loaded.model),
+        "latency": dict(latency),
+        "latency_batch": args.latency_batch,
+    }
+
+
+def report_evaluate(result: dict[str, Any]) -> str:
+    latency = result["latency"]
+    return (
+        f"model   {result['model']}\n"
+        f"data    {result['data']} ({result['images']:,} images)\n"
+        f"top-1   {result['top1']:.2f} %\n"
+        f"MACs    {_human(result['macs'])} ({result['macs']:,})\n"
+        f"params  {_human(result['params'])} ({result['params']:,})\n"
+        f"latency {latency['median_ms']:.2f} ms median at batch {result['latency_batch']} "
+        f"on {latency['num_threads']} CPU threads\n"
+    )
+
+
+# policy
+
+def run_policy(args: argparse.Namespace) -> dict[str, Any]:
+    loaded = _load(args)
+    pruner = Pruner(loaded)
+    dropped = [name for name in args.drop_blocks.split(",") if name]
+    policy = pruner.uniform_policy(
+        macs_target=args.macs_target, ratio=args.ratio, dropped_blocks=dropped,
+        criterion=args.criterion, round_to=args.round_to,
+    )
+    policy.save(args.out)
+    return {
+        "policy": str(args.out),
+        "model": args.model,
+        "uniform_ratio": policy.metadata["uniform_ratio"],
+        "macs_target": args.macs_target,
+        "estimated_macs": policy.metadata["estimated_macs"],
+        "estimated_params": policy.metadata["estimated_params"],
+        "macs_ratio": policy.metadata["macs_ratio"],
+        "dropped_blocks": policy.dropped_blocks,
+    }
+
+
+def report_policy(result: dict[str, Any]) -> str:
+    return (
+        f"wrote {result['policy']}: ratio {result['uniform_ratio']:.4f} in every layer, "
+        f"estimated MACs {_human(result['estimated_macs'])} ({result['macs_ratio']:.3f} of dense), "
+        f"params {_human(result['estimated_params'])}\n"
+    )
+
+
+# apply
+
+def read_policy(location: str, tracking_uri: str | None) -> Policy:
+    """Read a policy from a JSON file, or from an MLflow artifact given as runs:/<run_id>/<path>."""
+    if location.startswith("runs:/"):
+        from rl_pruner.tracking import download_policy
+
+        return download_policy(location, tracking_uri)
+    return Policy.load(location)
+
+
+def run_apply(args: argparse.Namespace) -> dict[str, Any]:
+    _check_positive(args.bn_images, "--bn-images", allow_zero=True)
+    _check_positive(args.calibration_images, "--calibration-images")
+    policy = read_policy(args.policy, args.tracking_uri)
+    loaded = _load(args)
+    calibration = None
+    if args.data is not None and policy.criterion in ("apoz", "taylor"):
+        calibration = _training_batches(loaded, args.data, args.calibration_images, args.seed, args.batch_size)
+    pruner = Pruner(loaded, calibration)
+    from rl_pruner.engine.apply import validate_policy
+
+    validate_policy(policy, pruner.structure, source=f"policy {args.policy}")
+    bn_batches = None
+    if args.data is not None and args.bn_images > 0:
+        bn_batches = _training_batches(loaded, args.data, args.bn_images, args.seed + 1, args.batch_size)
+    pruned = pruner.apply(policy, bn_batches)
+
+    record = pruned_model_record(
+        pruned,
+        architecture=loaded.architecture,
+        input_shape=loaded.input_shape,
+        num_classes=loaded.num_classes,
+        normalization=loaded.normalization,
+        dropped_blocks=policy.dropped_blocks,
+        policy=policy.to_dict(),
+    )
+    save_pruned_model(args.out, record)
+    before = {"macs": pruner.structure.dense_macs, "params": pruner.structure.dense_params,
+              "channels": _stage_channels(loaded.model)}
+    after = {"macs": count_macs(pruned, loaded.input_shape), "params": count_params(pruned),
+             "channels": _stage_channels(pruned)}
+    return {
+        "out": str(Path(args.out)),
+        "model": args.model,
+        "policy": args.policy,
+        "criterion": policy.criterion,
+        "dropped_blocks": policy.dropped_blocks,
+        "bn_reestimated_on": sum(len(labels) for _, labels in bn_batches) if bn_batches else 0,
+        "before": before,
+        "after": after,
+        "macs_ratio": after["macs"] / before["macs"],
+        "params_ratio": after["params"] / before["params"],
+    }
+
+
+def report_apply(result: dict[str, Any]) -> str:
+    before, after = result["before"], result["after"]
+    lines = [
+        f"pruned {result['model']} with {result['policy']} (criterion {result['criterion']}) -> {result['out']}",
+        f"load it with --model pruned:{result['out']}",
+        "",
+        f"{'':<16} {'before':>14} {'after':>14} {'ratio':>7}",
+        f"{'MACs':<16} {_human(before['macs']):>14} {_human(after['macs']):>14} {result['macs_ratio']:>7.3f}",
+        f"{'params':<16} {_human(before['params']):>14} {_human(after['params']):>14} {result['params_ratio']:>7.3f}",
+    ]
+    for stage, channels in before["channels"].items():
+        kept = after["channels"].get(stage, 0)
+        lines.append(f"{'channels ' + stage:<16} {channels:>14} {kept:>14} {kept / channels:>7.3f}")
+    if result["dropped_blocks"]:
+        lines.append(f"dropped blocks: {', '.join(result['dropped_blocks'])}")
+    if result["bn_reestimated_on"]:
+        lines.append(f"batch norm re-estimated on {result['bn_reestimated_on']} training images")
+    return "\n".join(lines) + "\n"

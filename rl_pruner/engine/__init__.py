@@ -1,0 +1,1 @@
+"""The pruning engine: dependency groups, importance, policy application, MACs."""

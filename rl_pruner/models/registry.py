@@ -1,0 +1,127 @@
+"""Model names the CLI accepts, and how each is built.
+
+- torchvision classification models by name (``resnet50``, ``resnet18``, ...), built
+  without downloading weights; load weights with a checkpoint.
+- CIFAR ResNets: ``cifar_resnet20``, ``cifar_resnet32``, ``cifar_resnet44``,
+  ``cifar_resnet56``, ``cifar_resnet110`` (32x32 inputs).
+- Any user model as ``package.module:factory``: a callable that takes no arguments
+  and returns an ``nn.Module``; its input size comes from ``input_size``.
+- ``pruned:PATH``: a model saved by ``rl-pruner apply`` (see
+  :mod:`rl_pruner.engine.serialization`).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torchvision
+from torch import nn
+
+from rl_pruner.data import IMAGENET_NORMALIZATION, Normalization
+from rl_pruner.errors import InputError
+from rl_pruner.models.checkpoint import load_weights
+from rl_pruner.models.cifar_resnet import CIFAR_DEPTHS, cifar_resnet
+
+CIFAR_NAMES = {f"cifar_resnet{depth}": depth for depth in CIFAR_DEPTHS}
+PRUNED_PREFIX = "pruned:"
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to prune or evaluate, with what is needed to feed it."""
+
+    architecture: str  # the name that rebuilds the dense model, e.g. "cifar_resnet56"
+    model: nn.Module
+    input_shape: tuple[int, int, int]  # one sample: channels, height, width
+    normalization: Normalization
+    num_classes: int
+    # Evaluation image size in pixels (resize and center-crop), or None to feed images
+    # at their native size, as for 32x32 CIFAR.
+    image_size: int | None = None
+    pruned: dict[str, Any] | None = field(default=None)  # record of a saved pruned model
+
+
+def torchvision_names() -> list[str]:
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def build_architecture(name: str, num_classes: int | None = None) -> tuple[nn.Module, tuple[int, int, int]]:
+    """Build the dense, randomly initialised model ``name`` and its input shape."""
+    if name in CIFAR_NAMES:
+        return cifar_resnet(CIFAR_NAMES[name], num_classes or 10), (3, 32, 32)
+    if ":" in name and not name.startswith(PRUNED_PREFIX):
+        return _build_user_model(name), (3, 224, 224)
+    if name in torchvision_names():
+        kwargs = {"num_classes": num_classes} if num_classes else {}
+        return torchvision.models.get_model(name, weights=None, **kwargs), (3, 224, 224)
+    raise InputError(
+        f"model {name!r} is unknown; use a torchvision name (e.g. resnet50), one of "
+        f"{', '.join(CIFAR_NAMES)}, package.module:factory, or pruned:PATH"
+    )
+
+
+def _build_user_model(spec: str) -> nn.Module:
+    module_name, _, factory_name = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise InputError(f"model {spec!r}: module {module_name!r} cannot be imported ({err}); check PYTHONPATH") from err
+    factory = getattr(module, factory_name, None)
+    if not callable(factory):
+        raise InputError(f"model {spec!r}: {module_name} has no callable {factory_name!r}")
+    model = factory()
+    if not isinstance(model, nn.Module):
+        raise InputError(f"model {spec!r}: {factory_name}() returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def output_size(model: nn.Module) -> int:
+    """Number of classes: the out_features of the last linear layer (or out_channels of a conv)."""
+    last = None
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            last = module
+    if isinstance(last, nn.Linear):
+        return last.out_features
+    if isinstance(last, nn.Conv2d):
+        return last.out_channels
+    raise InputError("the model has no linear or convolution layer to read its number of classes from")
+
+
+def load_model(
+    spec: str,
+    checkpoint: str | Path | None = None,
+    *,
+    trust_pickle: bool = False,
+    input_size: int | None = None,
+    num_classes: int | None = None,
+) -> LoadedModel:
+    """Build the model named by ``spec`` and load ``checkpoint`` into it, if given."""
+    if spec.startswith(PRUNED_PREFIX):
+        from rl_pruner.engine.serialization import load_pruned_model
+
+        if checkpoint is not None:
+            raise InputError("a pruned:PATH model carries its own weights; drop --checkpoint")
+        return load_pruned_model(spec[len(PRUNED_PREFIX):])
+    model, input_shape = build_architecture(spec, num_classes)
+    if input_size is not None:
+        input_shape = (input_shape[0], input_size, input_size)
+    if checkpoint is not None:
+        load_weights(model, checkpoint, model_name=spec, trust_pickle=trust_pickle)
+    model.eval()
+    return LoadedModel(
+        architecture=spec,
+        model=model,
+        input_shape=input_shape,
+        normalization=IMAGENET_NORMALIZATION,
+        num_classes=output_size(model),
+        image_size=default_image_size(spec, input_shape),
+    )
+
+
+def default_image_size(architecture: str, input_shape: tuple[int, ...]) -> int | None:
+    """CIFAR models read images at their native 32x32; others resize and crop to the input."""
+    return None if architecture in CIFAR_NAMES else int(input_shape[-1])
