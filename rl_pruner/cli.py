@@ -93,6 +93,22 @@ def build_parser() -> argparse.ArgumentParser:
     apply.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for runs:/ policies")
     _add_data_arguments(apply)
     _add_output_arguments(apply)
+
+    search = commands.add_parser("search", help="learn a pruning policy with PPO, tracked in MLflow")
+    search.add_argument("config", help="search configuration YAML (see experiments/)")
+    search.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a configuration key, e.g. --set episodes=50 --set ppo.learning_rate=1e-3")
+    search.add_argument("--resume", default=None, metavar="RUN_ID",
+                        help="continue a stopped search in the same MLflow run")
+    _add_output_arguments(search)
+
+    demo = commands.add_parser(
+        "demo", help="train a small CNN on scikit-learn's digits, search a policy for it, and apply it"
+    )
+    demo.add_argument("--workdir", default="rl-pruner-demo",
+                      help="folder for the checkpoint, the MLflow store and the pruned model (default rl-pruner-demo)")
+    demo.add_argument("--episodes", type=int, default=None, help="search episodes (default 40)")
+    _add_output_arguments(demo)
     return parser
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rl_pruner.data import build_image_folder, load_batches, subset_indices
+from rl_pruner.data import load_batches, open_dataset, subset_indices
 from rl_pruner.engine.macs import count_macs, count_params
 from rl_pruner.engine.pruner import Pruner
 from rl_pruner.engine.serialization import pruned_model_record, save_pruned_model
@@ -38,7 +38,7 @@ def _check_positive(value: int | None, flag: str, allow_zero: bool = False, unit
 
 
 def _training_batches(loaded: LoadedModel, data: str, n_images: int, seed: int, batch_size: int) -> list:
-    dataset = build_image_folder(data, image_size=loaded.image_size, normalization=loaded.normalization)
+    dataset = open_dataset(data, image_size=loaded.image_size, normalization=loaded.normalization)
     check_num_classes(loaded.num_classes, dataset.classes, data)
     indices = subset_indices(len(dataset), n_images, seed)
     return load_batches(dataset, indices, batch_size)
@@ -127,7 +127,8 @@ def run_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     _check_positive(args.batch_size, "--batch-size")
     _check_positive(args.latency_batch, "--latency-batch")
     loaded = _load(args)
-    dataset = build_image_folder(args.data, image_size=loaded.image_size, normalization=loaded.normalization)
+    dataset = open_dataset(args.data, image_size=loaded.image_size, normalization=loaded.normalization,
+                           split="test", seed=args.seed)
     check_num_classes(loaded.num_classes, dataset.classes, args.data)
     indices = subset_indices(len(dataset), args.limit, args.seed)
     from rl_pruner.data import make_loader
@@ -267,3 +268,113 @@ def report_apply(result: dict[str, Any]) -> str:
     if result["bn_reestimated_on"]:
         lines.append(f"batch norm re-estimated on {result['bn_reestimated_on']} training images")
     return "\n".join(lines) + "\n"
+
+
+# search
+
+def _interrupted_hint(config_path: str, run_id: str | None) -> None:
+    import sys
+
+    if run_id is not None:
+        sys.stderr.write(
+            f"rl-pruner: search stopped; what it found is logged in run {run_id}. "
+            f"Continue it with: rl-pruner search {config_path} --resume {run_id}\n"
+        )
+
+
+def run_search(args: argparse.Namespace) -> dict[str, Any]:
+    from rl_pruner.config import load_config
+    from rl_pruner.search import run_search as search
+
+    config = load_config(args.config, args.overrides)
+    started: list[str] = []
+    try:
+        summary = search(config, resume_run_id=args.resume, on_start=started.append)
+    except KeyboardInterrupt:
+        _interrupted_hint(args.config, started[0] if started else None)
+        raise
+    summary["tracking_uri"] = config.tracking.uri
+    summary["model"] = config.model
+    summary["checkpoint"] = config.checkpoint
+    return summary
+
+
+def report_search(result: dict[str, Any]) -> str:
+    lines = [f"search run {result['run_id']}: {result['episodes']} episodes at a MACs target of "
+             f"{result['macs_target']}"]
+    if "best_reward" in result:
+        lines.append(f"best reward {result['best_reward']:.4f} at {result['best_macs_ratio']:.3f} of dense MACs; "
+                     f"policy saved to {result['best_policy']}")
+    for name, record in result["baselines"].items():
+        lines.append(f"baseline {name:<12} reward {record['reward']:.4f} at {record['macs_ratio']:.3f} of dense MACs")
+    for name, top1 in result.get("test_top1", {}).items():
+        lines.append(f"test top-1 {name:<12} {top1:.2f} %")
+    if "best_policy_artifact" in result:
+        checkpoint = f" --checkpoint {result['checkpoint']}" if result.get("checkpoint") else ""
+        lines.append("")
+        lines.append(f"apply it: rl-pruner apply --model {result['model']}{checkpoint} "
+                     f"--policy {result['best_policy_artifact']} --tracking-uri {result['tracking_uri']} --out pruned.pt")
+    lines.append(f"browse it: mlflow ui --backend-store-uri {result['tracking_uri']}")
+    return "\n".join(lines) + "\n"
+
+
+# demo
+
+def run_demo(args: argparse.Namespace) -> dict[str, Any]:
+    """Train the digits CNN, search a policy at half its MACs, apply the best one, evaluate both."""
+    from rl_pruner.config import config_from_dict
+    from rl_pruner.demo import demo_config, train_digits_model
+    from rl_pruner.search import run_search as search
+    from rl_pruner.tracking import download_policy
+
+    _check_positive(args.episodes, "--episodes", unit="episodes")
+    workdir = Path(args.workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    checkpoint = workdir / "digits_cnn.pt"
+    if not checkpoint.is_file():
+        logger.warning("training the demo CNN on scikit-learn's digits (under a minute)")
+        model, _ = train_digits_model()
+        torch.save(model.state_dict(), checkpoint)
+
+    record = demo_config(workdir, checkpoint)
+    if args.episodes is not None:
+        record["episodes"] = args.episodes
+    config = config_from_dict(record, source="the built-in demo configuration")
+    summary = search(config)
+    run_id = summary["run_id"]
+
+    policy = download_policy(summary["best_policy_artifact"], config.tracking.uri)
+    loaded = load_model(config.model, config.checkpoint)
+    bn_batches = _training_batches(loaded, config.data, config.bn_images, config.seed, config.batch_size)
+    pruned = Pruner(loaded).apply(policy, bn_batches)
+    out = workdir / run_id / "digits_cnn-pruned.pt"
+    save_pruned_model(out, pruned_model_record(
+        pruned, architecture=loaded.architecture, input_shape=loaded.input_shape,
+        num_classes=loaded.num_classes, normalization=loaded.normalization,
+        dropped_blocks=policy.dropped_blocks, policy=policy.to_dict(),
+    ))
+
+    reloaded = load_model(f"pruned:{out}")
+    test = open_dataset(config.test_data or config.data, image_size=None, split="test", seed=config.seed)
+    test_batches = load_batches(test, None, config.batch_size, disable_progress=True)
+    return {
+        **summary,
+        "tracking_uri": config.tracking.uri,
+        "checkpoint": str(checkpoint),
+        "pruned_model": str(out),
+        "dense_test_top1": evaluate_top1(loaded.model, test_batches, disable_progress=True),
+        "pruned_test_top1": evaluate_top1(reloaded.model, test_batches, disable_progress=True),
+        "dense_macs": count_macs(loaded.model, loaded.input_shape),
+        "pruned_macs": count_macs(reloaded.model, loaded.input_shape),
+    }
+
+
+def report_demo(result: dict[str, Any]) -> str:
+    return (
+        f"dense digits CNN:  top-1 {result['dense_test_top1']:.2f} % at {_human(result['dense_macs'])} MACs\n"
+        f"pruned (no fine-tuning): top-1 {result['pruned_test_top1']:.2f} % at {_human(result['pruned_macs'])} MACs"
+        f" ({result['pruned_macs'] / result['dense_macs']:.3f} of dense)\n"
+        f"pruned model: {result['pruned_model']} (load it with --model pruned:{result['pruned_model']})\n"
+        f"search run {result['run_id']}, best reward {result['best_reward']:.4f}\n"
+        f"open the MLflow UI: mlflow ui --backend-store-uri {result['tracking_uri']}  (then http://127.0.0.1:5000)\n"
+    )

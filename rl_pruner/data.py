@@ -397,3 +397,23 @@ def _move_into_place(staging: Path, target: Path) -> None:
         if not target.is_dir():
             raise
         logger.info("another process extracted %s first; using its copy", target)
+
+
+def open_dataset(
+    path: str,
+    *,
+    image_size: int | None,
+    normalization: Normalization = IMAGENET_NORMALIZATION,
+    split: str = "train",
+    seed: int = 0,
+) -> Dataset:
+    """Open a data set by path: an ImageFolder layout, or ``builtin:<name>`` for a bundled one.
+
+    ``builtin:digits`` is scikit-learn's handwritten digits (see :mod:`rl_pruner.demo`);
+    ``split`` ("train" or "test") and ``seed`` choose its part. Other paths ignore both.
+    """
+    if str(path).startswith("builtin:"):
+        from rl_pruner.demo import load_builtin_dataset
+
+        return load_builtin_dataset(str(path), split, seed)
+    return build_image_folder(path, image_size=image_size, normalization=normalization)

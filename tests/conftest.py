@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 
+# No test may reach outside hosts: MLflow 3's usage telemetry is off for every test.
+os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+
 SHARED_DATA_ENV_VAR = "RL_PRUNER_SHARED_DATA"
 DEFAULT_SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

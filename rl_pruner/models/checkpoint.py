@@ -59,7 +59,7 @@ def _read_error(path: Path, err: Exception, trust_pickle: bool) -> CheckpointErr
     if isinstance(err, pickle.UnpicklingError):
         if not trust_pickle:
             return CheckpointError(
-                f"checkpoint {path} holds pickled Python objects, not only tensors; "
+                f"checkpoint {path} contains pickled Python objects, not only tensors; "
                 "save its state_dict instead, or pass --trust-pickle if you trust the file's source"
             )
         return CheckpointError(f"checkpoint {path} could not be unpickled ({_first_line(err)}); re-save it")

@@ -8,6 +8,7 @@
   and returns an ``nn.Module``; its input size comes from ``input_size``.
 - ``pruned:PATH``: a model saved by ``rl-pruner apply`` (see
   :mod:`rl_pruner.engine.serialization`).
+- ``digits_cnn``: the demo CNN for 1x8x8 digit images (:mod:`rl_pruner.demo`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,24 @@ from rl_pruner.models.cifar_resnet import CIFAR_DEPTHS, cifar_resnet
 
 CIFAR_NAMES = {f"cifar_resnet{depth}": depth for depth in CIFAR_DEPTHS}
 PRUNED_PREFIX = "pruned:"
+
+# The built-in demo model. rl_pruner.demo is imported only when this name is used.
+DEMO_NAME = "digits_cnn"
+
+
+def _build_demo_model(num_classes: int | None) -> tuple[nn.Module, tuple[int, int, int]]:
+    from rl_pruner.demo import DIGITS_INPUT_SHAPE, DigitsNet
+
+    return DigitsNet(num_classes or 10), DIGITS_INPUT_SHAPE
+
+
+def default_normalization(architecture: str) -> Normalization:
+    """Return the input normalization of ``architecture``: the digits' own statistics for the demo model, else ImageNet's."""
+    if architecture == DEMO_NAME:
+        from rl_pruner.demo import DIGITS_NORMALIZATION
+
+        return DIGITS_NORMALIZATION
+    return IMAGENET_NORMALIZATION
 
 
 @dataclass
@@ -52,6 +71,8 @@ def build_architecture(name: str, num_classes: int | None = None) -> tuple[nn.Mo
     """Build the dense, randomly initialised model ``name`` and its input shape."""
     if name in CIFAR_NAMES:
         return cifar_resnet(CIFAR_NAMES[name], num_classes or 10), (3, 32, 32)
+    if name == DEMO_NAME:
+        return _build_demo_model(num_classes)
     if ":" in name and not name.startswith(PRUNED_PREFIX):
         return _build_user_model(name), (3, 224, 224)
     if name in torchvision_names():
@@ -59,7 +80,7 @@ def build_architecture(name: str, num_classes: int | None = None) -> tuple[nn.Mo
         return torchvision.models.get_model(name, weights=None, **kwargs), (3, 224, 224)
     raise InputError(
         f"model {name!r} is unknown; use a torchvision name (e.g. resnet50), one of "
-        f"{', '.join(CIFAR_NAMES)}, package.module:factory, or pruned:PATH"
+        f"{', '.join(CIFAR_NAMES)}, {DEMO_NAME}, package.module:factory, or pruned:PATH"
     )
 
 
@@ -116,12 +137,12 @@ def load_model(
         architecture=spec,
         model=model,
         input_shape=input_shape,
-        normalization=IMAGENET_NORMALIZATION,
+        normalization=default_normalization(spec),
         num_classes=output_size(model),
         image_size=default_image_size(spec, input_shape),
     )
 
 
 def default_image_size(architecture: str, input_shape: tuple[int, ...]) -> int | None:
-    """CIFAR models read images at their native 32x32; others resize and crop to the input."""
-    return None if architecture in CIFAR_NAMES else int(input_shape[-1])
+    """CIFAR and demo models read images at their native size; others resize and crop to the input."""
+    return None if architecture in CIFAR_NAMES or architecture == DEMO_NAME else int(input_shape[-1])
