@@ -147,6 +147,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "evaluate": commands.run_evaluate,
             "policy": commands.run_policy,
             "apply": commands.run_apply,
+            "search": commands.run_search,
+            "demo": commands.run_demo,
         }
         result = handlers[args.command](args)
     except RLPrunerError as err:

@@ -42,7 +42,7 @@ def resnet50() -> Pruner:
 
 @pytest.mark.parametrize(("channels", "ratio", "round_to", "kept"), [
     (64, 0.3, 8, 48), (64, 0.3, 1, 45), (16, 0.9, 8, 8), (16, 0.0, 8, 16),
-    (10, 0.5, 8, 8), (3, 0.99, 1, 1), (64, 0.999, 8, 8),
+    (10, 0.5, 8, 8), (10, 0.0, 8, 10), (10, 0.05, 8, 10), (10, 0.15, 8, 8), (3, 0.99, 1, 1), (64, 0.999, 8, 8),
 ])
 def test_kept_channels_rounding(channels: int, ratio: float, round_to: int, kept: int) -> None:
     assert kept_channels_for_ratio(channels, ratio, round_to) == kept

@@ -19,14 +19,18 @@ from rl_pruner.engine.structure import ModelStructure
 def kept_channels_for_ratio(channels: int, pruning_ratio: float, round_to: int) -> int:
     """Channels a layer keeps when ``pruning_ratio`` of them is removed.
 
-    The kept count is rounded to the nearest multiple of ``round_to`` (halves round
-    up), is at least ``round_to`` (or 1), and never exceeds ``channels``. For example
+    The kept count is the nearest of the multiples of ``round_to`` below ``channels``
+    and ``channels`` itself (halves round up), and is at least ``round_to`` (or 1). For example
     64 channels at ratio 0.3 keep 44.8 -> 48 with round_to 8, or 45 with round_to 1.
     """
     exact = channels * (1.0 - pruning_ratio)
     step = max(1, round_to)
     kept = step * math.floor(exact / step + 0.5)
-    return int(min(channels, max(step, kept, 1)))
+    # A width that is not a multiple of round_to may also stay whole: at ratio 0 a
+    # 10-channel layer keeps 10, not 8.
+    if kept >= channels or channels - exact <= abs(exact - kept):
+        return channels
+    return int(max(step, kept, 1))
 
 
 def pruned_counts(

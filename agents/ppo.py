@@ -1,0 +1,75 @@
+"""The PPO agent (stable-baselines3) that learns pruning policies.
+
+Defaults (see :class:`rl_pruner.config.PPOConfig`) are set for episodes whose only
+reward comes at the end: ``gamma=1`` so every layer's action gets the episode's
+reward, several episodes per update, and a small initial action spread
+(``log_std_init=-1``, a standard deviation of 0.37 on the [-1, 1] action scale) so
+early episodes explore around the middle of each layer's feasible interval.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+from stable_baselines3 import PPO
+from stable_baselines3.common.callbacks import BaseCallback
+
+from rl_pruner.config import PPOConfig
+
+logger = logging.getLogger(__name__)
+
+
+def build_ppo(env: gym.Env, config: PPOConfig, *, seed: int, episode_length: int) -> PPO:
+    """Create a PPO agent whose rollout holds ``episodes_per_update`` full episodes."""
+    n_steps = config.episodes_per_update * episode_length
+    batch_size = min(config.batch_size, n_steps)
+    return PPO(
+        "MlpPolicy",
+        env,
+        learning_rate=config.learning_rate,
+        n_steps=n_steps,
+        batch_size=batch_size,
+        n_epochs=config.n_epochs,
+        gamma=config.gamma,
+        gae_lambda=config.gae_lambda,
+        clip_range=config.clip_range,
+        ent_coef=config.ent_coef,
+        vf_coef=config.vf_coef,
+        max_grad_norm=config.max_grad_norm,
+        policy_kwargs={"net_arch": list(config.net_arch), "log_std_init": config.log_std_init},
+        seed=seed,
+        device="cpu",
+        verbose=0,
+    )
+
+
+def load_ppo(path: str | Path, env: gym.Env) -> PPO:
+    """Load an agent saved with ``PPO.save`` and attach ``env`` to it."""
+    return PPO.load(str(path), env=env, device="cpu")
+
+
+class EpisodeCallback(BaseCallback):
+    """Hands every finished episode to ``on_episode``; stops training when it returns False.
+
+    ``should_stop`` is polled at every step, so a stop request (Ctrl-C) ends training at
+    a step boundary; the episode in progress is then dropped, never half logged.
+    """
+
+    def __init__(self, on_episode: Callable[[Any], bool], should_stop: Callable[[], bool] | None = None) -> None:
+        super().__init__()
+        self.on_episode = on_episode
+        self.should_stop = should_stop
+
+    def _on_step(self) -> bool:
+        keep_going = True
+        for info in self.locals.get("infos", []):
+            result = info.get("pruning_episode")
+            if result is not None:
+                keep_going = self.on_episode(result) and keep_going
+        if self.should_stop is not None and self.should_stop():
+            return False
+        return keep_going

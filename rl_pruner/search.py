@@ -1,0 +1,366 @@
+"""The search: PPO learns a pruning policy on :class:`PruningEnv`, tracked in MLflow.
+
+:func:`run_search` is what ``rl-pruner search CONFIG.yaml`` runs:
+
+1. load the dense model and carve disjoint reward, batch-norm and calibration
+   splits from the training data (read once, kept in memory);
+2. score the baseline allocations (uniform, Torch-Pruning's global L1 and LAMP)
+   with the same criterion, batch-norm re-estimation and reward;
+3. let PPO run the configured number of episodes, logging each to MLflow and
+   keeping the five best policies;
+4. log the best policies, plots and (with ``test_data``) the test top-1 of the best
+   policy and the baselines.
+
+Ctrl-C stops after logging what was found; the run is marked KILLED and can be
+continued with ``--resume RUN_ID``, which restores the agent and the best policies.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import logging
+import signal
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from rl_pruner.agents.baselines import make_baseline
+from rl_pruner.agents.ppo import EpisodeCallback, build_ppo, load_ppo
+from rl_pruner.config import SearchConfig, flatten_config
+from rl_pruner.data import load_batches, open_dataset, split_indices
+from rl_pruner.engine.batchnorm import reestimate_batchnorm
+from rl_pruner.engine.importance import DATA_CRITERIA
+from rl_pruner.engine.pruner import Pruner
+from rl_pruner.envs.pruning_env import EpisodeResult, PruningEnv
+from rl_pruner.errors import ConfigError
+from rl_pruner.evaluation import check_num_classes, evaluate_top1
+from rl_pruner.models.registry import DEMO_NAME, LoadedModel, load_model
+from rl_pruner.policy import Policy
+from rl_pruner.reward import TopOneReward
+from rl_pruner.tracking import SearchTracker, check_tracking_uri
+
+logger = logging.getLogger(__name__)
+
+N_BEST = 5
+STATE_DIR = "state"
+
+
+@dataclass
+class SearchData:
+    """The dense model and the cached batches one search uses."""
+
+    loaded: LoadedModel
+    reward_batches: list
+    bn_batches: list
+    calibration_batches: list | None
+    test_batches: list | None
+
+
+@dataclass
+class SearchState:
+    """What a search has found so far; saved as an artifact so it can be resumed."""
+
+    episodes_done: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    best: list[tuple[float, int, dict[str, Any]]] = field(default_factory=list)  # (reward, episode, policy)
+    baselines: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def add(self, episode: int, result: EpisodeResult) -> None:
+        self.history.append({"episode": episode, "reward": result.reward, "macs_ratio": result.macs_ratio,
+                             **result.metrics})
+        entry = (result.reward, -episode, result.policy.to_dict())
+        if len(self.best) < N_BEST:
+            heapq.heappush(self.best, entry)
+        else:
+            heapq.heappushpop(self.best, entry)
+        self.episodes_done = episode + 1
+
+    def ranked(self) -> list[tuple[float, Policy]]:
+        return [(reward, Policy.from_dict(policy)) for reward, _, policy in sorted(self.best, reverse=True)]
+
+    @property
+    def best_reward(self) -> float:
+        return max((reward for reward, _, _ in self.best), default=float("nan"))
+
+    def to_json(self) -> str:
+        return json.dumps({"episodes_done": self.episodes_done, "history": self.history,
+                           "best": [list(entry) for entry in self.best], "baselines": self.baselines})
+
+    @classmethod
+    def from_json(cls, text: str) -> SearchState:
+        record = json.loads(text)
+        state = cls(record["episodes_done"], record["history"], [], record["baselines"])
+        state.best = [(float(r), int(e), p) for r, e, p in record["best"]]
+        heapq.heapify(state.best)
+        return state
+
+
+def _dataset(path: str, loaded: LoadedModel, split: str, seed: int) -> Any:
+    return open_dataset(path, image_size=loaded.image_size, normalization=loaded.normalization,
+                        split=split, seed=seed)
+
+
+def _train_demo_checkpoint(config: SearchConfig) -> str:
+    """Train the demo CNN once per seed and output folder; return its checkpoint path."""
+    from rl_pruner.demo import train_digits_model
+
+    path = Path(config.output_dir) / f"digits_cnn-seed{config.seed}.pt"
+    if not path.is_file():
+        logger.warning("no checkpoint given for %s: training it on the digits, saved to %s", config.model, path)
+        model, _ = train_digits_model(seed=config.seed, progress=False)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), path)
+    return str(path)
+
+
+def prepare_data(config: SearchConfig) -> SearchData:
+    """Load the model and read the reward, batch-norm and calibration splits once.
+
+    The demo network (``digits_cnn``) is trained on the fly when no checkpoint is given,
+    and ``config.checkpoint`` is set to the file it was saved to.
+    """
+    if config.model == DEMO_NAME and config.checkpoint is None:
+        config.checkpoint = _train_demo_checkpoint(config)
+    loaded = load_model(config.model, config.checkpoint, trust_pickle=config.trust_pickle)
+    train = _dataset(config.data, loaded, "train", config.seed)
+    check_num_classes(loaded.num_classes, train.classes, config.data)
+    needs_calibration = config.criterion in DATA_CRITERIA
+    sizes = [config.reward_images, config.bn_images]
+    if needs_calibration:
+        sizes.append(config.calibration_images)
+    splits = split_indices(len(train), sizes, config.seed)
+    logger.info("reading %d reward, %d batch-norm and %d calibration images", *sizes, *([0] * (3 - len(sizes))))
+    reward_batches = load_batches(train, splits[0], config.batch_size)
+    bn_batches = load_batches(train, splits[1], config.batch_size) if config.bn_images else []
+    calibration = load_batches(train, splits[2], config.batch_size) if needs_calibration else None
+    test_batches = None
+    if config.test_data:
+        test = _dataset(config.test_data, loaded, "test", config.seed)
+        check_num_classes(loaded.num_classes, test.classes, config.test_data)
+        test_batches = load_batches(test, None, config.batch_size)
+    return SearchData(loaded, reward_batches, bn_batches, calibration, test_batches)
+
+
+def build_env(config: SearchConfig, data: SearchData, pruner: Pruner | None = None) -> PruningEnv:
+    pruner = pruner or Pruner(data.loaded, data.calibration_batches)
+    return PruningEnv(
+        pruner, TopOneReward(data.reward_batches), macs_target=config.macs_target,
+        criterion=config.criterion, round_to=config.round_to, max_ratio=config.max_ratio,
+        allow_block_drop=config.allow_block_drop, bn_batches=data.bn_batches,
+    )
+
+
+def _test_top1(env: PruningEnv, policy: Policy, data: SearchData) -> float:
+    pruned = env.pruner.apply(policy)
+    reestimate_batchnorm(pruned, data.bn_batches)
+    return evaluate_top1(pruned, data.test_batches or [], disable_progress=True)
+
+
+class Search:
+    """One search run: the environment, the agent, the tracker and what was found."""
+
+    def __init__(self, config: SearchConfig, tracker: SearchTracker, data: SearchData, state: SearchState) -> None:
+        self.config = config
+        self.tracker = tracker
+        self.data = data
+        self.state = state
+        self.env = build_env(config, data)
+        self.output_dir = Path(config.output_dir) / tracker.run_id
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self._progress: tqdm | None = None
+        self._stop_requested = False
+        self._started = time.perf_counter()
+        self._episodes_at_start = state.episodes_done
+
+    # Baselines
+
+    def score_baselines(self) -> None:
+        for name in self.config.baselines:
+            if name in self.state.baselines:
+                continue
+            policy = make_baseline(name, self.env.pruner, self.config.macs_target,
+                                   criterion=self.config.criterion, round_to=self.config.round_to)
+            result = self.env.evaluate_policy(policy)
+            record = {"reward": result.reward, "macs_ratio": result.macs_ratio, **result.metrics,
+                      "policy": policy.to_dict()}
+            self.state.baselines[name] = record
+            self.tracker.log_metrics({f"baseline/{name}/{key}": value for key, value in record.items()
+                                      if isinstance(value, float)})
+            self.tracker.log_policy(policy, f"policies/baselines/{name}.json")
+            logger.info("baseline %s: reward %.4f at %.3f of dense MACs", name, result.reward, result.macs_ratio)
+
+    # Episodes
+
+    def _on_episode(self, result: EpisodeResult) -> bool:
+        episode = self.state.episodes_done
+        self.state.add(episode, result)
+        self.tracker.log_episode(episode, {
+            "reward": result.reward, **result.metrics, "macs_ratio": result.macs_ratio,
+            "params_ratio": result.params_ratio, "best_reward": self.state.best_reward,
+            "dropped_blocks": float(len(result.policy.dropped_blocks)),
+            "seconds": result.episode_seconds, "evaluation_seconds": result.evaluation_seconds,
+        })
+        if self._progress is not None:
+            minutes = (time.perf_counter() - self._started) / 60
+            rate = (self.state.episodes_done - self._episodes_at_start) / max(minutes, 1e-9)
+            self._progress.set_postfix(best=f"{self.state.best_reward:.4f}", macs=f"{result.macs_ratio:.3f}",
+                                       eps_per_min=f"{rate:.1f}", refresh=False)
+            self._progress.update(1)
+        if self.state.episodes_done % self.config.ppo.episodes_per_update == 0:
+            self.save_state()
+        return self.state.episodes_done < self.config.episodes
+
+    def train(self, agent_path: Path | None) -> None:
+        remaining = self.config.episodes - self.state.episodes_done
+        if remaining <= 0:
+            return
+        episode_length = len(self.env.structure.layers)
+        if agent_path is not None:
+            self.agent = load_ppo(agent_path, self.env)
+        else:
+            self.agent = build_ppo(self.env, self.config.ppo, seed=self.config.seed, episode_length=episode_length)
+        self._progress = tqdm(total=self.config.episodes, initial=self.state.episodes_done, unit="episode",
+                              desc="search", dynamic_ncols=True)
+        callback = EpisodeCallback(self._on_episode, should_stop=lambda: self._stop_requested)
+        previous_handler = self._catch_ctrl_c()
+        try:
+            self.agent.learn(total_timesteps=2 * remaining * episode_length, callback=callback,
+                             reset_num_timesteps=agent_path is None)
+        finally:
+            self._progress.close()
+            if previous_handler is not None:
+                signal.signal(signal.SIGINT, previous_handler)
+        if self._stop_requested:
+            raise KeyboardInterrupt
+
+    def _catch_ctrl_c(self) -> Any:
+        """Turn the first Ctrl-C into a stop at the next step boundary; a second one stops at once."""
+        if threading.current_thread() is not threading.main_thread():
+            return None
+
+        def request_stop(signum: int, frame: Any) -> None:
+            if self._stop_requested:
+                raise KeyboardInterrupt
+            self._stop_requested = True
+            logger.warning("stopping after the current step; press Ctrl-C again to stop at once")
+
+        return signal.signal(signal.SIGINT, request_stop)
+
+    # Results
+
+    def save_state(self) -> None:
+        with tempfile.TemporaryDirectory() as directory:
+            state_path = Path(directory) / "search_state.json"
+            state_path.write_text(self.state.to_json())
+            self.tracker.log_artifact(state_path, STATE_DIR)
+            if getattr(self, "agent", None) is not None:
+                agent_path = Path(directory) / "ppo.zip"
+                self.agent.save(str(agent_path))
+                self.tracker.log_artifact(agent_path, STATE_DIR)
+
+    def log_results(self, evaluate_test: bool = True) -> dict[str, Any]:
+        """Log the best policies, plots and (unless told not to) test scores; return a summary."""
+        from rl_pruner.plots import plot_best_reward_curve, plot_keep_ratios, plot_reward_vs_macs
+
+        self.save_state()
+        ranked = self.state.ranked()
+        summary: dict[str, Any] = {
+            "run_id": self.tracker.run_id, "episodes": self.state.episodes_done,
+            "macs_target": self.config.macs_target,
+            "baselines": {name: {k: v for k, v in record.items() if k != "policy"}
+                          for name, record in self.state.baselines.items()},
+        }
+        if not ranked:
+            return summary
+        self.tracker.log_best_policies(ranked)
+        best_reward, best = ranked[0]
+        best.save(self.output_dir / "best_policy.json")
+        summary["best_reward_curve"] = _running_max([h["reward"] for h in self.state.history])
+        summary.update({"best_reward": best_reward, "best_policy": str(self.output_dir / "best_policy.json"),
+                        "best_policy_artifact": f"runs:/{self.tracker.run_id}/policies/best_policy.json",
+                        "best_macs_ratio": best.metadata.get("macs_ratio")})
+
+        history = self.state.history
+        structure = self.env.structure
+        uniform = self.state.baselines.get("uniform", {}).get("policy")
+        uniform_ratios = uniform["pruning_ratios"] if uniform else {}
+        dropped_layers = {layer.name for layer in structure.layers if layer.block in set(best.dropped_blocks)}
+        figures = {
+            "plots/keep_ratios.png": plot_keep_ratios(
+                structure.layer_names, [1 - best.pruning_ratios.get(n, 0.0) for n in structure.layer_names],
+                [1 - uniform_ratios.get(n, 0.0) for n in structure.layer_names], dropped_layers),
+            "plots/reward_vs_macs.png": plot_reward_vs_macs(
+                [h["macs_ratio"] for h in history], [h["reward"] for h in history],
+                [int(h["episode"]) for h in history], self.config.macs_target,
+                {name: (r["macs_ratio"], r["reward"]) for name, r in self.state.baselines.items()}),
+            "plots/best_reward.png": plot_best_reward_curve(
+                [int(h["episode"]) for h in history], _running_max([h["reward"] for h in history])),
+        }
+        for path, figure in figures.items():
+            self.tracker.log_figure(figure, path)
+
+        if self.data.test_batches and evaluate_test:
+            test_scores = {"best": _test_top1(self.env, best, self.data)}
+            for name, record in self.state.baselines.items():
+                test_scores[name] = _test_top1(self.env, Policy.from_dict(record["policy"]), self.data)
+            self.tracker.log_metrics({f"test/{name}/top1": value for name, value in test_scores.items()})
+            summary["test_top1"] = test_scores
+        return summary
+
+
+def _running_max(values: list[float]) -> list[float]:
+    best, result = float("-inf"), []
+    for value in values:
+        best = max(best, value)
+        result.append(best)
+    return result
+
+
+def _restore(tracker: SearchTracker) -> tuple[SearchState, Path | None]:
+    """Download the saved state and agent of the run being resumed."""
+    import mlflow
+
+    directory = Path(tempfile.mkdtemp(prefix="rl-pruner-resume-"))
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(run_id=tracker.run_id, artifact_path=STATE_DIR,
+                                                          dst_path=str(directory)))
+    except Exception as err:  # MLflow raises several exception types for a missing artifact
+        raise ConfigError(
+            f"run {tracker.run_id} has no saved search state ({type(err).__name__}); "
+            "only searches started by 'rl-pruner search' can be resumed"
+        ) from err
+    state = SearchState.from_json((local / "search_state.json").read_text())
+    agent = local / "ppo.zip"
+    return state, agent if agent.is_file() else None
+
+
+def run_search(config: SearchConfig, *, resume_run_id: str | None = None,
+               on_start: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run (or resume) one search and return its summary; see the module docstring."""
+    check_tracking_uri(config.tracking.uri)
+    data = prepare_data(config)
+    torch.manual_seed(config.seed)
+    tags = {"model": config.model, "macs_target": str(config.macs_target), "criterion": config.criterion}
+    with SearchTracker(config.tracking.uri, config.tracking.experiment, run_name=config.tracking.run_name,
+                       tags=tags, resume_run_id=resume_run_id) as tracker:
+        if on_start is not None:
+            on_start(tracker.run_id)
+        tracker.log_params(flatten_config(config))
+        state, agent_path = _restore(tracker) if resume_run_id else (SearchState(), None)
+        search = Search(config, tracker, data, state)
+        try:
+            search.score_baselines()
+            search.train(agent_path)
+        except KeyboardInterrupt:
+            logger.warning("interrupted after %d episodes; logging what was found", state.episodes_done)
+            search.log_results(evaluate_test=False)
+            raise
+        return search.log_results()
