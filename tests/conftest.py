@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 from pathlib import Path
 
 import pytest
+
+if TYPE_CHECKING:
+    from rl_pruner.engine.pruner import Pruner
 
 # No test may reach outside hosts: MLflow 3's usage telemetry is off for every test.
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
@@ -37,3 +41,21 @@ def cifar_test_archive(shared_data: Path) -> Path:
 def cifar_train_archive(shared_data: Path) -> Path:
     """CIFAR-10 training split as JPEGs: 50,000 images, 5,000 per class."""
     return _require(shared_data / "cifar10-jpeg" / "train.tar.gz")
+
+
+@pytest.fixture(scope="session")
+def resnet56(shared_data: Path) -> "Pruner":
+    """The trained CIFAR-10 ResNet-56, traced once for the whole test session."""
+    from rl_pruner.engine.pruner import Pruner
+    from rl_pruner.models.registry import load_model
+
+    return Pruner(load_model("cifar_resnet56", shared_data / "checkpoints" / "cifar10-resnet56.th"))
+
+
+@pytest.fixture(scope="session")
+def resnet50() -> "Pruner":
+    """torchvision's ResNet-50 with random weights, traced once for the whole test session."""
+    from rl_pruner.engine.pruner import Pruner
+    from rl_pruner.models.registry import load_model
+
+    return Pruner(load_model("resnet50"))

@@ -30,16 +30,6 @@ def _random_policy(pruner: Pruner, rng: random.Random, round_to: int, n_dropped:
     return pruner.make_policy(ratios, dropped, round_to=round_to)
 
 
-@pytest.fixture(scope="module")
-def resnet56(shared_data: Path) -> Pruner:
-    return Pruner(load_model("cifar_resnet56", shared_data / "checkpoints" / "cifar10-resnet56.th"))
-
-
-@pytest.fixture(scope="module")
-def resnet50() -> Pruner:
-    return Pruner(load_model("resnet50"))
-
-
 @pytest.mark.parametrize(("channels", "ratio", "round_to", "kept"), [
     (64, 0.3, 8, 48), (64, 0.3, 1, 45), (16, 0.9, 8, 8), (16, 0.0, 8, 16),
     (10, 0.5, 8, 8), (10, 0.0, 8, 10), (10, 0.05, 8, 10), (10, 0.15, 8, 8), (3, 0.99, 1, 1), (64, 0.999, 8, 8),

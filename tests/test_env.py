@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
@@ -15,7 +14,6 @@ from rl_pruner.engine.macs import count_macs
 from rl_pruner.engine.pruner import Pruner
 from rl_pruner.envs import ENV_ID, PruningEnv
 from rl_pruner.errors import ConfigError
-from rl_pruner.models.registry import load_model
 from rl_pruner.reward import TopOneReward
 
 
@@ -23,16 +21,6 @@ def _batches(shape: tuple[int, ...], n_images: int = 4, seed: int = 0) -> list:
     generator = torch.Generator().manual_seed(seed)
     return [(torch.randn(n_images, *shape, generator=generator),
              torch.randint(0, 10, (n_images,), generator=generator))]
-
-
-@pytest.fixture(scope="module")
-def resnet56(shared_data: Path) -> Pruner:
-    return Pruner(load_model("cifar_resnet56", shared_data / "checkpoints" / "cifar10-resnet56.th"))
-
-
-@pytest.fixture(scope="module")
-def resnet50() -> Pruner:
-    return Pruner(load_model("resnet50"))
 
 
 class _ConstantReward:

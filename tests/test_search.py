@@ -193,3 +193,26 @@ def test_demo_command_ends_with_applied_model_and_finished_run(tmp_path: Path) -
     assert summary["pruned_macs"] < summary["dense_macs"]
     assert summary["dense_test_top1"] > 90.0
     assert 0.0 < summary["pruned_test_top1"] <= 100.0
+
+
+def test_same_seed_reproduces_search_episodes(workdir: Path) -> None:
+    from rl_pruner.agents.ppo import EpisodeCallback, build_ppo
+    from rl_pruner.config import load_config
+    from rl_pruner.search import build_env, prepare_data
+
+    config = load_config(DEMO_CONFIG, [f"output_dir={workdir / 'runs'}", "reward_images=200", "bn_images=100"])
+    data = prepare_data(config)
+    policies: list[list[dict]] = []
+    for _ in range(2):
+        env = build_env(config, data)
+        found: list[dict] = []
+
+        def keep(result, found=found) -> bool:
+            found.append({"policy": result.policy.to_dict(), "reward": result.reward})
+            return len(found) < 6
+
+        agent = build_ppo(env, config.ppo, seed=config.seed, episode_length=len(env.structure.layers))
+        agent.learn(total_timesteps=1000, callback=EpisodeCallback(keep))
+        policies.append(found)
+    assert len(policies[0]) == 6
+    assert policies[0] == policies[1]
