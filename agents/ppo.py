@@ -26,7 +26,9 @@ logger = logging.getLogger(__name__)
 def build_ppo(env: gym.Env, config: PPOConfig, *, seed: int, episode_length: int) -> PPO:
     """Create a PPO agent whose rollout holds ``episodes_per_update`` full episodes."""
     n_steps = config.episodes_per_update * episode_length
-    batch_size = min(config.batch_size, n_steps)
+    # The largest minibatch size up to the configured one that divides the rollout, so
+    # no minibatch is truncated.
+    batch_size = max(size for size in range(1, min(config.batch_size, n_steps) + 1) if n_steps % size == 0)
     return PPO(
         "MlpPolicy",
         env,

@@ -48,7 +48,10 @@ def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _ArgumentParser(prog="rl-pruner", description=__doc__.splitlines()[0])
+    parser = _ArgumentParser(
+        prog="rl-pruner",
+        description="Search per-layer pruning policies for CNNs with reinforcement learning, then apply them.",
+    )
     parser.add_argument("--version", action="version", version=f"rl-pruner {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="log progress (-v) or debug detail (-vv)")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_ArgumentParser)

@@ -267,10 +267,24 @@ def report_apply(result: dict[str, Any]) -> str:
         lines.append(f"dropped blocks: {', '.join(result['dropped_blocks'])}")
     if result["bn_reestimated_on"]:
         lines.append(f"batch norm re-estimated on {result['bn_reestimated_on']} training images")
+    else:
+        lines.append("batch norm NOT re-estimated: accuracy is far below what it can be; "
+                     "pass --data with training images")
     return "\n".join(lines) + "\n"
 
 
 # search
+
+def _mlflow_command() -> str:
+    """The mlflow executable beside this Python, so the printed command works without an activated venv."""
+    import shutil
+    import sys
+
+    beside = Path(sys.executable).parent / "mlflow"
+    if beside.is_file() and shutil.which("mlflow") != str(beside):
+        return str(beside)
+    return "mlflow"
+
 
 def _interrupted_hint(config_path: str, run_id: str | None) -> None:
     import sys
@@ -294,6 +308,7 @@ def run_search(args: argparse.Namespace) -> dict[str, Any]:
         _interrupted_hint(args.config, started[0] if started else None)
         raise
     summary["tracking_uri"] = config.tracking.uri
+    summary["data"] = config.data
     summary["model"] = config.model
     summary["checkpoint"] = config.checkpoint
     return summary
@@ -313,8 +328,9 @@ def report_search(result: dict[str, Any]) -> str:
         checkpoint = f" --checkpoint {result['checkpoint']}" if result.get("checkpoint") else ""
         lines.append("")
         lines.append(f"apply it: rl-pruner apply --model {result['model']}{checkpoint} "
-                     f"--policy {result['best_policy_artifact']} --tracking-uri {result['tracking_uri']} --out pruned.pt")
-    lines.append(f"browse it: mlflow ui --backend-store-uri {result['tracking_uri']}")
+                     f"--policy {result['best_policy_artifact']} --tracking-uri {result['tracking_uri']} "
+                     f"--data {result['data']} --out pruned.pt")
+    lines.append(f"browse it: {_mlflow_command()} ui --backend-store-uri {result['tracking_uri']}")
     return "\n".join(lines) + "\n"
 
 
@@ -324,6 +340,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     """Train the digits CNN, search a policy at half its MACs, apply the best one, evaluate both."""
     from rl_pruner.config import config_from_dict
     from rl_pruner.demo import demo_config, train_digits_model
+    from rl_pruner.search import prepare_data
     from rl_pruner.search import run_search as search
     from rl_pruner.tracking import download_policy
 
@@ -332,7 +349,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     workdir.mkdir(parents=True, exist_ok=True)
     checkpoint = workdir / "digits_cnn.pt"
     if not checkpoint.is_file():
-        logger.warning("training the demo CNN on scikit-learn's digits (under a minute)")
+        logger.info("training the demo CNN on scikit-learn's digits")
         model, _ = train_digits_model()
         torch.save(model.state_dict(), checkpoint)
 
@@ -344,9 +361,10 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     run_id = summary["run_id"]
 
     policy = download_policy(summary["best_policy_artifact"], config.tracking.uri)
-    loaded = load_model(config.model, config.checkpoint)
-    bn_batches = _training_batches(loaded, config.data, config.bn_images, config.seed, config.batch_size)
-    pruned = Pruner(loaded).apply(policy, bn_batches)
+    # The search's own batch-norm split, so the pruned model matches the search's test score.
+    data = prepare_data(config)
+    loaded = data.loaded
+    pruned = Pruner(loaded).apply(policy, data.bn_batches)
     out = workdir / run_id / "digits_cnn-pruned.pt"
     save_pruned_model(out, pruned_model_record(
         pruned, architecture=loaded.architecture, input_shape=loaded.input_shape,
@@ -375,6 +393,7 @@ def report_demo(result: dict[str, Any]) -> str:
         f"pruned (no fine-tuning): top-1 {result['pruned_test_top1']:.2f} % at {_human(result['pruned_macs'])} MACs"
         f" ({result['pruned_macs'] / result['dense_macs']:.3f} of dense)\n"
         f"pruned model: {result['pruned_model']} (load it with --model pruned:{result['pruned_model']})\n"
-        f"search run {result['run_id']}, best reward {result['best_reward']:.4f}\n"
-        f"open the MLflow UI: mlflow ui --backend-store-uri {result['tracking_uri']}  (then http://127.0.0.1:5000)\n"
+        f"MLflow run {result['run_id']} finished: {result['episodes']} episodes, best reward {result['best_reward']:.4f}\n"
+        f"open the MLflow UI: {_mlflow_command()} ui --backend-store-uri {result['tracking_uri']}"
+        "  (it starts in about 20 s; then open http://127.0.0.1:5000)\n"
     )

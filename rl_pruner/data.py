@@ -374,9 +374,13 @@ def _extract_archive(archive: Path, destination: Path) -> None:
     mode = "r:" if archive.name.lower().endswith(".tar") else "r:gz"
     try:
         with tarfile.open(archive, mode=mode) as tar:
-            # The "data" filter rejects absolute paths, links and paths that leave
-            # the destination, and device files.
-            tar.extractall(destination, filter="data")
+            if hasattr(tarfile, "data_filter"):
+                # The "data" filter rejects absolute paths, links and paths that leave
+                # the destination, and device files.
+                tar.extractall(destination, filter="data")
+            else:
+                # Python before 3.11.4 has no extraction filters: check the members here.
+                tar.extractall(destination, members=_safe_members(tar, archive, destination))
     except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as err:
         reason = " ".join(str(err).split())
         raise DataError(
@@ -387,6 +391,18 @@ def _extract_archive(archive: Path, destination: Path) -> None:
             f"failed to write the contents of {archive} into {destination.parent}: {err}; "
             f"free disk space or set {CACHE_ENV_VAR} to another directory"
         ) from err
+
+
+def _safe_members(tar: tarfile.TarFile, archive: Path, destination: Path) -> list[tarfile.TarInfo]:
+    """Regular files and folders of ``tar`` that stay inside ``destination``; raise DataError otherwise."""
+    root = destination.resolve()
+    members = []
+    for member in tar.getmembers():
+        target = (root / member.name).resolve()
+        if not (member.isfile() or member.isdir()) or (target != root and root not in target.parents):
+            raise tarfile.TarError(f"member {member.name!r} is not a regular file or folder inside the archive")
+        members.append(member)
+    return members
 
 
 def _move_into_place(staging: Path, target: Path) -> None:

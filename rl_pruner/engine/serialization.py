@@ -89,6 +89,9 @@ def save_pruned_model(path: str | Path, record: dict[str, Any]) -> None:
     os.close(handle)
     try:
         torch.save(record, temporary)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)  # mkstemp creates files readable by the owner only
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
