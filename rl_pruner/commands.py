@@ -1,4 +1,4 @@
-"""What each CLI subcommand does; :mod:`rl_pruner.cli` parses the arguments."""
+"""Implementations of the CLI subcommands; :mod:`rl_pruner.cli` parses their arguments."""
 
 from __future__ import annotations
 
@@ -276,7 +276,7 @@ def report_apply(result: dict[str, Any]) -> str:
 # search
 
 def _mlflow_command() -> str:
-    """The mlflow executable beside this Python, so the printed command works without an activated venv."""
+    """Return the mlflow executable beside this Python, so a printed command works without an activated venv."""
     import shutil
     import sys
 

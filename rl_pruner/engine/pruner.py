@@ -109,7 +109,8 @@ class Pruner:
             if not 0.0 < macs_target <= 1.0:
                 raise InputError(f"--macs-target is {macs_target}; it is the fraction of dense MACs kept, in (0, 1]")
             ratio = uniform_ratio_for_target(self.structure, macs_target, round_to, dropped_blocks)
-        assert ratio is not None
+        if ratio is None:
+            raise InputError("give one of --macs-target and --ratio")
         check_ratio(ratio, "--ratio")
         ratios = {name: ratio for name in self.structure.layer_names}
         metadata: dict[str, Any] = {"source": "uniform", "uniform_ratio": ratio}

@@ -26,6 +26,7 @@ from torchvision.models.resnet import Bottleneck as TorchvisionBottleneck
 
 from rl_pruner.engine.cost import CostTerm, term_cost
 from rl_pruner.engine.shortcut_pruner import CUSTOMIZED_PRUNERS
+from rl_pruner.errors import InputError
 from rl_pruner.models.cifar_resnet import BasicBlock as CifarBasicBlock
 
 
@@ -138,7 +139,10 @@ def _find_output_module(model: nn.Module, example_input: torch.Tensor) -> str:
         for hook in hooks:
             hook.remove()
     if id(result) not in outputs:
-        raise ValueError("the model's output is not produced by a module; name the classifier explicitly")
+        raise InputError(
+            "the model's output is not produced by a module, so its classifier cannot be found; "
+            "end the model's forward with the classifier module's output"
+        )
     return outputs[id(result)]
 
 
