@@ -1,9 +1,9 @@
 """The PPO agent (stable-baselines3) that learns pruning policies.
 
-Defaults (see :class:`rl_pruner.config.PPOConfig`) are set for episodes whose only
-reward comes at the end: ``gamma=1`` so every layer's action gets the episode's
-reward, several episodes per update, and a small initial action spread
-(``log_std_init=-1``, a standard deviation of 0.37 on the [-1, 1] action scale) so
+The defaults (see :class:`rl_pruner.config.PPOConfig`) suit episodes whose only
+reward comes at the end. ``gamma=1`` gives every layer's action the episode's reward,
+and each update uses several episodes. A small initial action spread
+(``log_std_init=-1``, a standard deviation of 0.37 on the [-1, 1] action scale) makes
 early episodes explore around the middle of each layer's feasible interval.
 """
 
@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 
 
 def build_ppo(env: gym.Env, config: PPOConfig, *, seed: int, episode_length: int) -> PPO:
-    """Create a PPO agent whose rollout holds ``episodes_per_update`` full episodes."""
+    """Create a PPO agent whose rollout contains ``episodes_per_update`` full episodes."""
     n_steps = config.episodes_per_update * episode_length
     # The largest minibatch size up to the configured one that divides the rollout, so
     # no minibatch is truncated.
@@ -55,10 +55,11 @@ def load_ppo(path: str | Path, env: gym.Env) -> PPO:
 
 
 class EpisodeCallback(BaseCallback):
-    """Hands every finished episode to ``on_episode``; stops training when it returns False.
+    """Callback that passes every finished episode to ``on_episode``.
 
-    ``should_stop`` is polled at every step, so a stop request (Ctrl-C) ends training at
-    a step boundary; the episode in progress is then dropped, never half logged.
+    Training stops when ``on_episode`` returns False. ``should_stop`` is polled at every
+    step, so a stop request (Ctrl-C) ends training at a step boundary. The episode in
+    progress is then dropped, never half logged.
     """
 
     def __init__(self, on_episode: Callable[[Any], bool], should_stop: Callable[[], bool] | None = None) -> None:

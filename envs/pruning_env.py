@@ -10,9 +10,9 @@ Environment card (``rl_pruner/Pruning-v0``)
 
   - ``action[0]`` sets the layer's pruning ratio inside the feasible interval
     ``[low, high]``: ``ratio = low + (action[0] + 1) / 2 x (high - low)``.
-    ``high`` is the largest ratio for which the model, with every later layer
-    unpruned, still has at least the target MACs; ``low`` is the smallest ratio for
-    which the target stays reachable with every later layer at ``max_ratio``. So
+    ``high`` is the largest ratio that keeps at least the target MACs when every
+    later layer stays unpruned. ``low`` is the smallest ratio for which the target
+    stays reachable with every later layer at ``max_ratio``. So
     the MACs target is met by construction; a final correction of at most a few
     rounding steps lands every episode within 1 % of it. NOTE: where one rounding
     step of every layer moves the MACs by more than that (small models with

@@ -84,10 +84,12 @@ class Policy:
                 f"{source} has policy format version {record.get('version')!r}; "
                 f"this rl-pruner reads version {POLICY_VERSION}"
             )
+
         model = _require(record, "model", Mapping, source)
         ratios = _require(record, "pruning_ratios", Mapping, source)
         for layer, ratio in ratios.items():
             check_ratio(ratio, f"{source}: pruning ratio of layer {layer!r}")
+
         dropped = record.get("dropped_blocks", [])
         if not isinstance(dropped, list) or not all(isinstance(b, str) for b in dropped):
             raise PolicyError(f"{source}: 'dropped_blocks' must be a list of block names")
@@ -99,6 +101,7 @@ class Policy:
         shape = model.get("input_shape", [])
         if not isinstance(shape, list) or not all(isinstance(s, int) for s in shape):
             raise PolicyError(f"{source}: 'model.input_shape' must be a list of integers")
+
         return cls(
             architecture=str(model.get("architecture", "")),
             fingerprint=str(model.get("fingerprint", "")),

@@ -11,8 +11,8 @@
 4. log the best policies, plots and (with ``test_data``) the test top-1 of the best
    policy and the baselines.
 
-Ctrl-C stops after logging what was found; the run is marked KILLED and can be
-continued with ``--resume RUN_ID``, which restores the agent and the best policies.
+Ctrl-C stops at the next step and logs what was found. The run is then marked KILLED,
+and ``--resume RUN_ID`` continues it with the saved agent and best policies.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ class SearchData:
 
 @dataclass
 class SearchState:
-    """What a search has found so far; saved as an artifact so it can be resumed."""
+    """Progress of a search (episodes, history, best policies, baselines), saved for ``--resume``."""
 
     episodes_done: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
@@ -267,7 +267,7 @@ class Search:
                 self.tracker.log_artifact(agent_path, STATE_DIR)
 
     def log_results(self, evaluate_test: bool = True) -> dict[str, Any]:
-        """Log the best policies, plots and (unless told not to) test scores; return a summary."""
+        """Log the best policies, plots and, with ``evaluate_test``, test scores; return a summary."""
         from rl_pruner.plots import plot_best_reward_curve, plot_keep_ratios, plot_reward_vs_macs
 
         self.save_state()
@@ -345,6 +345,8 @@ def _restore(tracker: SearchTracker) -> tuple[SearchState, Path | None]:
 def run_search(config: SearchConfig, *, resume_run_id: str | None = None,
                on_start: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run (or resume) one search and return its summary; see the module docstring."""
+    # Checked before the data are read, which can take minutes; SearchTracker checks again
+    # on its own because it is also used without run_search.
     check_tracking_uri(config.tracking.uri)
     data = prepare_data(config)
     torch.manual_seed(config.seed)

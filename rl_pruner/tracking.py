@@ -31,8 +31,9 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-# MLflow 3 sends usage telemetry to an outside host unless told not to; rl-pruner
-# makes no network connections of its own accord, so it is off unless the user sets it.
+# MLflow 3 sends usage telemetry to an outside host unless it is disabled. rl-pruner
+# makes no network connections of its own accord, so telemetry is off unless the user
+# sets the variable.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 import mlflow  # noqa: E402

@@ -96,7 +96,8 @@ def test_shortcut_pruning_matches_zeroed_dense() -> None:
     handler.prune_out_channels(shortcut, removed_out)
     keep_in = [c for c in range(16) if c not in removed_in]
     assert torch.equal(shortcut(x[:, keep_in]), expected)
-    assert shortcut.out_channels == 27 and shortcut.in_channels == 13
+    assert shortcut.out_channels == 27
+    assert shortcut.in_channels == 13
 
 
 def test_block_internal_pruning_equals_masking(resnet56: Pruner) -> None:

@@ -49,7 +49,7 @@ def _episode_steps(client: MlflowClient, run_id: str) -> list[int]:
     return sorted(m.step for m in client.get_metric_history(run_id, "episode/reward"))
 
 
-def test_search_logs_a_finished_run_and_apply_reads_it(workdir: Path) -> None:
+def test_search_run_then_apply(workdir: Path) -> None:
     result = _cli("search", str(DEMO_CONFIG), "--set", "episodes=8", *_store_settings(workdir, "e2e"), "--json",
                   cwd=workdir)
     assert result.returncode == 0, result.stderr
@@ -180,7 +180,7 @@ def test_bad_config_fails_cleanly(case: str, workdir: Path) -> None:
                 assert run.info.status == "FAILED"
 
 
-def test_demo_command_ends_with_applied_model_and_finished_run(tmp_path: Path) -> None:
+def test_demo_command_end_to_end(tmp_path: Path) -> None:
     result = _cli("demo", "--workdir", str(tmp_path / "demo"), "--episodes", "6", "--json", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)

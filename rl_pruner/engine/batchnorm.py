@@ -1,6 +1,6 @@
 """Batch-norm re-estimation after pruning.
 
-Pruning changes what each batch norm sees, so its running statistics go stale.
+Pruning changes the inputs of each batch norm, so its running statistics go stale.
 :func:`reestimate_batchnorm` resets them and recomputes exact averages over a few
 training batches without gradients; weights are not changed.
 """

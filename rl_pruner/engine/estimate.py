@@ -73,7 +73,7 @@ def uniform_ratio_for_target(
     dropped_blocks: Collection[str] = (),
     tolerance: float = 1e-4,
 ) -> float:
-    """The single pruning ratio whose estimated MACs come closest to ``macs_target``.
+    """Find the single pruning ratio whose estimated MACs come closest to ``macs_target``.
 
     ``macs_target`` is the fraction of the dense MACs to keep. Rounding makes the
     achievable MACs a step function of the ratio, so the result is the ratio with

@@ -102,7 +102,7 @@ class Pruner:
         criterion: str = "l1",
         round_to: int = 8,
     ) -> Policy:
-        """One pruning ratio for every layer: given, or solved for a MACs target (fraction kept)."""
+        """Build a policy with one pruning ratio for every layer, given or solved for a MACs target (fraction kept)."""
         if (macs_target is None) == (ratio is None):
             raise InputError("give exactly one of --macs-target and --ratio")
         if macs_target is not None:

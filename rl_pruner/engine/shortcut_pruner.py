@@ -5,7 +5,7 @@ tensor operations, the padded output is tied to the wrong channels and the prune
 model fails at its classifier. Registered as a customised layer, the shortcut gets
 input and output channels of its own, like a convolution, so the previous stage's
 residual channels and this stage's are separate groups. Pruning either side edits
-the index vectors that say which input channel lands in which output channel.
+the index vectors that map each copied input channel to its output channel.
 """
 
 from __future__ import annotations

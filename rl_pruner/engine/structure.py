@@ -3,7 +3,7 @@
 :func:`analyze_model` traces the dense model once with Torch-Pruning's
 ``DependencyGraph`` and records, for every prunable layer, which modules must lose the
 same channels and at which indices. A *layer* here is one dependency group, named by
-its first convolution or linear module in ``model.named_modules()`` order; in a ResNet
+its first convolution or linear module in ``model.named_modules()`` order. In a ResNet
 the convolutions that write into one residual stream form a single layer. A policy
 gives one pruning ratio (fraction of channels removed) per layer.
 
@@ -108,7 +108,7 @@ class ModelStructure:
 
 
 def is_removable_block(module: nn.Module) -> bool:
-    """Whether ``module`` is a residual block that may be replaced by ``nn.Identity``.
+    """Return whether ``module`` is a residual block that may be replaced by ``nn.Identity``.
 
     Known blocks: CIFAR basic blocks with an identity shortcut, and torchvision
     ``BasicBlock``/``Bottleneck`` without a downsample. A user module opts in by
@@ -192,8 +192,8 @@ def analyze_model(
     """Trace ``model`` once and record its prunable layers, blocks and cost terms.
 
     ``input_shape`` is one sample's shape (C, H, W). The module that produces the
-    model's output (the classifier) and any module named in ``ignored_layers`` never
-    lose output channels.
+    model's output (the classifier) and any module named in ``ignored_layers`` are
+    left out of every layer's root, so their output channels are never pruned.
     """
     model = model.eval()
     example_input = torch.zeros(1, *input_shape)

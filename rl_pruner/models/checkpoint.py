@@ -89,7 +89,7 @@ def extract_state_dict(obj: object, path: str | Path) -> dict[str, torch.Tensor]
         )
     else:
         raise CheckpointError(
-            f"checkpoint {path} holds a {type(obj).__name__}, not a state_dict; save model.state_dict()"
+            f"checkpoint {path} contains a {type(obj).__name__}, not a state_dict; save model.state_dict()"
         )
     return {_strip_wrapper_prefix(k): v for k, v in state.items()}
 
