@@ -17,18 +17,27 @@ from typing import Any
 import gymnasium as gym
 from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.vec_env import VecEnv
 
 from rl_pruner.config import PPOConfig
 
 logger = logging.getLogger(__name__)
 
 
-def build_ppo(env: gym.Env, config: PPOConfig, *, seed: int, episode_length: int) -> PPO:
-    """Create a PPO agent whose rollout contains ``episodes_per_update`` full episodes."""
-    n_steps = config.episodes_per_update * episode_length
+def build_ppo(env: gym.Env | VecEnv, config: PPOConfig, *, seed: int, episode_length: int) -> PPO:
+    """Create a PPO agent whose rollout contains ``episodes_per_update`` full episodes.
+
+    ``env`` is one environment, or a vectorised one whose sub-environments share the
+    episodes of a rollout evenly (``episodes_per_update`` a multiple of their number).
+    """
+    n_envs = env.num_envs if isinstance(env, VecEnv) else 1
+    if config.episodes_per_update % n_envs:
+        raise ValueError(f"episodes_per_update {config.episodes_per_update} is not a multiple of {n_envs} environments")
+    n_steps = config.episodes_per_update // n_envs * episode_length
     # The largest minibatch size up to the configured one that divides the rollout, so
     # no minibatch is truncated.
-    batch_size = max(size for size in range(1, min(config.batch_size, n_steps) + 1) if n_steps % size == 0)
+    rollout = n_steps * n_envs
+    batch_size = max(size for size in range(1, min(config.batch_size, rollout) + 1) if rollout % size == 0)
     return PPO(
         "MlpPolicy",
         env,
@@ -49,7 +58,7 @@ def build_ppo(env: gym.Env, config: PPOConfig, *, seed: int, episode_length: int
     )
 
 
-def load_ppo(path: str | Path, env: gym.Env) -> PPO:
+def load_ppo(path: str | Path, env: gym.Env | VecEnv) -> PPO:
     """Load an agent saved with ``PPO.save`` and attach ``env`` to it."""
     return PPO.load(str(path), env=env, device="cpu")
 

@@ -1,11 +1,12 @@
 """The pruning environment: one episode builds one policy, layer by layer.
 
-Environment card (``rl_pruner/Pruning-v0``)
+Environment card (``rl_pruner/Pruning-v1``)
 
 - **Episode**: one step per prunable layer of the dense model, in network order
-  (see :class:`~rl_pruner.engine.structure.ModelStructure`). Layers inside a block
-  that the agent dropped are skipped, so an episode can be shorter than the layer
-  count.
+  (see :class:`~rl_pruner.engine.structure.ModelStructure`). Every episode has
+  exactly that many steps: a layer inside a block that the agent dropped still gets
+  its step, whose action is ignored. Equal lengths keep the sub-environments of a
+  vectorised search in lockstep, so their expensive final steps run together.
 - **Action**: ``Box(-1, 1, (2,), float32)``.
 
   - ``action[0]`` sets the layer's pruning ratio inside the feasible interval
@@ -20,11 +21,12 @@ Environment card (``rl_pruner/Pruning-v0``)
   - ``action[1] > 0`` drops the residual block that starts at this layer (only at
     the first layer of a removable block, and only if the model without it still
     has at least the target MACs); elsewhere it is ignored.
-- **Observation**: ``Box(0, 1, (16,), float32)``, a normalised description of the
+- **Observation**: ``Box(0, 1, (17,), float32)``, a normalised description of the
   current layer: index, kind (conv 1, linear 0), input channels, channels, kernel
   size, stride, the layer's MACs and parameters, MACs removed so far, MACs still to
-  remove, the previous pruning ratio, the feasible ``low`` and ``high``, whether the
-  layer starts a removable block, whether it lies inside one, and the MACs target.
+  remove, the previous pruning ratio, the feasible ``low`` and ``high`` (both 0 in a
+  dropped block), whether the layer starts a removable block, whether it lies inside
+  one, the MACs target, and whether its block was dropped.
   Channel counts are divided by the model's largest, MACs and parameters by the
   dense totals.
 - **Reward**: 0 at every step but the last; at the last, the reward evaluator's
@@ -36,7 +38,11 @@ Environment card (``rl_pruner/Pruning-v0``)
 - **Determinism**: the environment draws no random numbers; the same actions give
   the same policy and, on the same machine and thread count, the same reward.
 
-Version history: v0, first version.
+Version history:
+
+- v1: fixed-length episodes (dropped layers keep their step) and a 17th feature,
+  whether the layer's block was dropped. Agents saved with v0 do not load.
+- v0: first version.
 
 The environment holds one dense model (inside its :class:`Pruner`), the cached
 batch-norm and reward batches, and the structure traced once; an episode applies one
@@ -63,7 +69,7 @@ from rl_pruner.reward import RewardEvaluator
 
 logger = logging.getLogger(__name__)
 
-N_FEATURES = 16
+N_FEATURES = 17
 MACS_TOLERANCE = 0.01  # every episode's final MACs lie within this relative distance of the target
 _BISECTION_STEPS = 14
 
@@ -187,13 +193,9 @@ class PruningEnv(gym.Env[np.ndarray, np.ndarray]):
         self._started = time.perf_counter()
         self._low, self._high = self._bounds(0)
 
-    def _skip_dropped_layers(self) -> None:
-        while self._index < self._n_layers:
-            block = self.structure.layers[self._index].block
-            if block is None or block not in self._dropped:
-                break
-            self._ratios.append(0.0)
-            self._index += 1
+    def _in_dropped_block(self, index: int) -> bool:
+        block = self.structure.layers[index].block
+        return block is not None and block in self._dropped
 
     def _observation(self) -> np.ndarray:
         if self._index >= self._n_layers:
@@ -218,6 +220,7 @@ class PruningEnv(gym.Env[np.ndarray, np.ndarray]):
             1.0 if layer.name in self._block_starts else 0.0,
             1.0 if layer.block is not None else 0.0,
             self.macs_target,
+            1.0 if self._in_dropped_block(self._index) else 0.0,
         ]
         return np.clip(np.asarray(features, dtype=np.float32), 0.0, 1.0)
 
@@ -241,7 +244,7 @@ class PruningEnv(gym.Env[np.ndarray, np.ndarray]):
             if with_drop >= self.goal_macs:
                 self._dropped.add(block)
 
-        if layer.block is not None and layer.block in self._dropped:
+        if self._in_dropped_block(self._index):
             ratio = 0.0
         else:
             fraction = (float(action[0]) + 1.0) / 2.0
@@ -249,10 +252,9 @@ class PruningEnv(gym.Env[np.ndarray, np.ndarray]):
         self._ratios.append(ratio)
         self._previous_ratio = ratio
         self._index += 1
-        self._skip_dropped_layers()
 
         if self._index < self._n_layers:
-            self._low, self._high = self._bounds(self._index)
+            self._low, self._high = (0.0, 0.0) if self._in_dropped_block(self._index) else self._bounds(self._index)
             return self._observation(), 0.0, False, False, {}
 
         result = self._finish_episode()

@@ -103,7 +103,19 @@ def build_parser() -> argparse.ArgumentParser:
                         help="override a configuration key, e.g. --set episodes=50 --set ppo.learning_rate=1e-3")
     search.add_argument("--resume", default=None, metavar="RUN_ID",
                         help="continue a stopped search in the same MLflow run")
+    _add_distributed_arguments(search)
     _add_output_arguments(search)
+
+    sweep = commands.add_parser(
+        "sweep", help="run many searches (targets x seeds x PPO values from the sweep section) with Ray Tune"
+    )
+    sweep.add_argument("config", help="search configuration YAML with a sweep section (see experiments/)")
+    sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a configuration key, e.g. --set sweep.seeds=[0,1]")
+    sweep.add_argument("--ray-address", default=None, metavar="ADDR",
+                       help="local (default: a cluster on this machine, on 127.0.0.1), auto, HOST:PORT or "
+                            "ray://HOST:PORT")
+    _add_output_arguments(sweep)
 
     demo = commands.add_parser(
         "demo", help="train a small CNN on scikit-learn's digits, search a policy for it, and apply it"
@@ -113,6 +125,32 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--episodes", type=int, default=None, help="search episodes (default 40)")
     _add_output_arguments(demo)
     return parser
+
+
+def _add_distributed_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workers", type=int, default=None, metavar="N",
+                        help="Ray workers that run episodes (default from the configuration: 0, in this process)")
+    parser.add_argument("--ray-address", default=None, metavar="ADDR",
+                        help="local (default: a cluster on this machine, on 127.0.0.1), auto, HOST:PORT or "
+                             "ray://HOST:PORT")
+
+
+def _distributed_overrides(args: argparse.Namespace) -> None:
+    """Turn --workers and --ray-address into configuration overrides, validated with the rest."""
+    if getattr(args, "workers", None) is not None:
+        args.overrides.append(f"distributed.workers={args.workers}")
+    if args.ray_address is not None:
+        args.overrides.append(f"distributed.ray_address={json.dumps(args.ray_address)}")
+
+
+def _check_search_endpoints(args: argparse.Namespace) -> None:
+    """Read the configuration and probe its servers before the commands' slow imports."""
+    from rl_pruner.config import load_config
+    from rl_pruner.preflight import check_endpoints
+
+    args.search_config = load_config(args.config, args.overrides)
+    uses_ray = args.command == "sweep" or args.search_config.distributed.workers > 0
+    check_endpoints(args.search_config, uses_ray=uses_ray)
 
 
 def _emit(args: argparse.Namespace, result: dict[str, Any], report: Callable[[dict[str, Any]], str]) -> None:
@@ -143,6 +181,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Checked before importing the commands, which load torch and take seconds.
         if args.command in ("policy", "apply"):
             _check_output_path(args.out, args.force)
+        if args.command in ("search", "sweep"):
+            _distributed_overrides(args)
+            _check_search_endpoints(args)
         from rl_pruner import commands
 
         handlers: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
@@ -151,6 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "policy": commands.run_policy,
             "apply": commands.run_apply,
             "search": commands.run_search,
+            "sweep": commands.run_sweep,
             "demo": commands.run_demo,
         }
         result = handlers[args.command](args)

@@ -300,7 +300,7 @@ def run_search(args: argparse.Namespace) -> dict[str, Any]:
     from rl_pruner.config import load_config
     from rl_pruner.search import run_search as search
 
-    config = load_config(args.config, args.overrides)
+    config = getattr(args, "search_config", None) or load_config(args.config, args.overrides)
     started: list[str] = []
     try:
         summary = search(config, resume_run_id=args.resume, on_start=started.append)
@@ -312,6 +312,25 @@ def run_search(args: argparse.Namespace) -> dict[str, Any]:
     summary["model"] = config.model
     summary["checkpoint"] = config.checkpoint
     return summary
+
+
+def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
+    from rl_pruner.config import load_config
+    from rl_pruner.distributed.sweep import run_sweep as sweep
+
+    config = getattr(args, "search_config", None) or load_config(args.config, args.overrides)
+    summary = sweep(config)
+    summary["tracking_uri"] = config.tracking.uri
+    return summary
+
+
+def report_sweep(result: dict[str, Any]) -> str:
+    lines = [f"sweep run {result['run_id']}: {len(result['trials'])} trials, each a child run"]
+    for target, row in result["best_per_target"].items():
+        lines.append(f"target {target}: best accuracy {row['accuracy']:.2f} at {row['macs_ratio']:.3f} of dense MACs "
+                     f"(run {row['run_id']}, policy {row['policy']})")
+    lines.append(f"Pareto front: runs:/{result['run_id']}/plots/pareto.png at {result['tracking_uri']}")
+    return "\n".join(lines) + "\n"
 
 
 def report_search(result: dict[str, Any]) -> str:

@@ -36,7 +36,7 @@ from typing import Any
 import yaml
 
 from rl_pruner.errors import ConfigError
-from rl_pruner.policy import CRITERIA
+from rl_pruner.policy import CRITERIA, DATA_CRITERIA
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +93,66 @@ class TrackingConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """Where a search's episodes run.
+
+    :param workers: Ray actors that run episodes, >= 0. 0 runs them in the search's own
+        process, without Ray. At most ``ppo.episodes_per_update``, the episodes that
+        run at once.
+    :param ray_address: ``local`` (a private cluster on this machine, bound to
+        127.0.0.1), ``auto`` (the cluster that ``ray start`` runs on this machine),
+        ``HOST:PORT`` (a head node's GCS address) or ``ray://HOST:PORT`` (Ray Client).
+    :param threads_per_worker: Torch threads, and Ray CPUs reserved, per worker, >= 1,
+        or null to share this machine's cores evenly among the workers.
+    :param max_worker_replacements: Workers that may die and be replaced during one
+        search before it fails, >= 0.
+    """
+
+    workers: int = 0
+    ray_address: str = "local"
+    threads_per_worker: int | None = None
+    max_worker_replacements: int = 10
+
+
+@dataclass
+class SweepPPOConfig:
+    """PPO hyper-parameter values to sweep; an empty list keeps the search's value."""
+
+    learning_rate: list[float] = field(default_factory=list)
+    ent_coef: list[float] = field(default_factory=list)
+    clip_range: list[float] = field(default_factory=list)
+    gae_lambda: list[float] = field(default_factory=list)
+    log_std_init: list[float] = field(default_factory=list)
+    n_epochs: list[int] = field(default_factory=list)
+
+
+@dataclass
+class SweepConfig:
+    """A Ray Tune sweep over searches (``rl-pruner sweep``); ignored by ``rl-pruner search``.
+
+    Each trial is one search with the rest of the configuration, on one Tune worker.
+
+    :param macs_targets: MACs targets to search, each in (0, 1); empty keeps ``macs_target``.
+    :param seeds: Seeds to search, each >= 0; empty keeps ``seed``.
+    :param ppo: PPO values to sweep.
+    :param search_alg: ``grid`` (every combination) or ``random`` (targets x seeds as a
+        grid, PPO values drawn at random, ``num_samples`` times).
+    :param num_samples: Repetitions of the grid (``grid``) or random draws (``random``), >= 1.
+    :param max_concurrent_trials: Trials run at once, >= 1, or null for as many as the
+        cluster's CPUs allow.
+    :param cpus_per_trial: Ray CPUs, and torch threads, of each trial, >= 1.
+    """
+
+    macs_targets: list[float] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)
+    ppo: SweepPPOConfig = field(default_factory=SweepPPOConfig)
+    search_alg: str = "grid"
+    num_samples: int = 1
+    max_concurrent_trials: int | None = None
+    cpus_per_trial: int = 1
+
+
+@dataclass
 class SearchConfig:
     """One policy search: the model, its data, the target, and the agent's settings.
 
@@ -126,6 +186,8 @@ class SearchConfig:
     :param output_dir: Directory for policies, logs and the saved configuration.
     :param ppo: PPO hyper-parameters.
     :param tracking: MLflow settings.
+    :param distributed: Where episodes run (in process or on Ray workers).
+    :param sweep: Values swept by ``rl-pruner sweep``.
     """
 
     model: str
@@ -148,6 +210,8 @@ class SearchConfig:
     output_dir: str = "runs"
     ppo: PPOConfig = field(default_factory=PPOConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
 
 # Public functions
@@ -411,6 +475,16 @@ _RULES: dict[str, _Rule] = {
     "tracking.uri": _not_empty("sqlite:///mlflow.db"),
     "tracking.experiment": _not_empty("rl-pruner"),
     "tracking.run_name": _not_empty("NAME"),
+    "distributed.workers": _at_least(0, "2"),
+    "distributed.ray_address": _not_empty("local"),
+    "distributed.threads_per_worker": _at_least(1, "1"),
+    "distributed.max_worker_replacements": _at_least(0, "10"),
+    "sweep.macs_targets": _Rule(lambda targets: all(0.0 < t < 1.0 for t in targets),
+                                "every target must be strictly between 0 and 1", "[0.3,0.5,0.7]"),
+    "sweep.seeds": _Rule(lambda seeds: all(seed >= 0 for seed in seeds), "every seed must be >= 0", "[0,1]"),
+    "sweep.num_samples": _at_least(1, "1"),
+    "sweep.max_concurrent_trials": _at_least(1, "2"),
+    "sweep.cpus_per_trial": _at_least(1, "1"),
 }
 
 
@@ -481,7 +555,22 @@ def _fix_unknown(key: str, origin: _Origin) -> str:
     return f"rename or remove it in {origin.file or origin.source}"
 
 
+SWEEP_ALGORITHMS = ("grid", "random")
+
+
 def _check_choices(config: SearchConfig, origin: _Origin) -> None:
+    if config.sweep.search_alg not in SWEEP_ALGORITHMS:
+        raise ConfigError(
+            f"{origin.where('sweep.search_alg')}: 'sweep.search_alg' is {config.sweep.search_alg!r}"
+            f"{_closest(config.sweep.search_alg, SWEEP_ALGORITHMS)}; choose one of {', '.join(SWEEP_ALGORITHMS)}; "
+            f"{origin.fix('sweep.search_alg', 'grid')}"
+        )
+    if config.distributed.workers > config.ppo.episodes_per_update:
+        raise ConfigError(
+            f"{origin.where('distributed.workers')}: 'distributed.workers' is {config.distributed.workers} but only "
+            f"ppo.episodes_per_update = {config.ppo.episodes_per_update} episodes run at once; lower the workers "
+            f"or raise ppo.episodes_per_update; {origin.fix('distributed.workers', str(config.ppo.episodes_per_update))}"
+        )
     if config.criterion not in CRITERIA:
         raise ConfigError(
             f"{origin.where('criterion')}: 'criterion' is {config.criterion!r}{_closest(config.criterion, CRITERIA)}; "
@@ -500,10 +589,6 @@ def _check_choices(config: SearchConfig, origin: _Origin) -> None:
             f"{origin.where('baselines')}: 'baselines' is {config.baselines!r} and names a baseline twice; "
             f"list each at most once; {origin.fix('baselines', '[uniform]')}"
         )
-
-    # Imported here because the engine imports torch, which a configuration check
-    # that fails earlier never needs.
-    from rl_pruner.engine.importance import DATA_CRITERIA
 
     if config.criterion in DATA_CRITERIA and config.calibration_images < 1:
         raise ConfigError(
@@ -587,7 +672,7 @@ def _describe_type(hint: Any) -> str:
 
 
 _TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}
-_PLURAL_NAMES = {int: "integers", str: "strings"}
+_PLURAL_NAMES = {int: "integers", float: "numbers", str: "strings"}
 
 
 def _type_name(value: Any) -> str:

@@ -136,3 +136,32 @@ def _new_figure(width: float, height: float) -> Figure:
     figure = Figure(figsize=(width, height))
     FigureCanvasAgg(figure)
     return figure
+
+
+def plot_pareto_front(
+    points: Sequence[tuple[float, float]], front: Sequence[int], labels: Sequence[str], ylabel: str
+) -> Figure:
+    """Draw accuracy against MACs ratio for every trial of a sweep, joining the Pareto front.
+
+    :param points: (MACs ratio, accuracy) per trial.
+    :param front: Indices of the non-dominated points, in increasing MACs ratio.
+    :param labels: One label per point, written beside it.
+    :param ylabel: What the accuracy axis shows, with its unit.
+    """
+    figure = _new_figure(7.0, 4.5)
+    axes = figure.add_subplot()
+    if points:
+        xs, ys = zip(*points, strict=True)
+        axes.scatter(xs, ys, color="tab:gray", label="trial", zorder=2)
+        for (x, y), label in zip(points, labels, strict=True):
+            axes.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    if front:
+        axes.plot([points[i][0] for i in front], [points[i][1] for i in front], "o-", color="tab:red",
+                  label="Pareto front", zorder=3)
+    axes.set_xlabel("MACs ratio (pruned / dense)")
+    axes.set_ylabel(ylabel)
+    axes.set_title("Sweep: accuracy against MACs")
+    axes.grid(alpha=0.3)
+    axes.legend(loc="lower right")
+    figure.tight_layout()
+    return figure

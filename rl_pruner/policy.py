@@ -35,6 +35,8 @@ from rl_pruner.errors import PolicyError
 POLICY_FORMAT = "rl-pruner-policy"
 POLICY_VERSION = 1
 CRITERIA = ("l1", "l2", "lamp", "fpgm", "bn_scale", "apoz", "taylor")
+# Criteria that score channels on calibration images, not on the weights alone.
+DATA_CRITERIA = ("taylor", "apoz")
 
 
 @dataclass

@@ -25,6 +25,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,8 @@ from rl_pruner.agents.baselines import make_baseline
 from rl_pruner.agents.ppo import EpisodeCallback, build_ppo, load_ppo
 from rl_pruner.config import SearchConfig, flatten_config
 from rl_pruner.data import load_batches, open_dataset, split_indices
+from rl_pruner.distributed.cluster import ray_cluster, threads_per_worker
+from rl_pruner.distributed.vec_env import EnvSpec, LocalVecEnv, RayVecEnv
 from rl_pruner.engine.batchnorm import reestimate_batchnorm
 from rl_pruner.engine.importance import DATA_CRITERIA
 from rl_pruner.engine.pruner import Pruner
@@ -45,7 +48,7 @@ from rl_pruner.evaluation import check_num_classes, evaluate_top1
 from rl_pruner.models.registry import DEMO_NAME, LoadedModel, load_model
 from rl_pruner.policy import Policy
 from rl_pruner.reward import TopOneReward
-from rl_pruner.tracking import SearchTracker, check_tracking_uri
+from rl_pruner.tracking import PARENT_RUN_TAG, SearchTracker, check_tracking_uri
 
 logger = logging.getLogger(__name__)
 
@@ -149,17 +152,35 @@ def prepare_data(config: SearchConfig) -> SearchData:
     return SearchData(loaded, reward_batches, bn_batches, calibration, test_batches)
 
 
+def _env_kwargs(config: SearchConfig) -> dict[str, Any]:
+    return {"macs_target": config.macs_target, "criterion": config.criterion, "round_to": config.round_to,
+            "max_ratio": config.max_ratio, "allow_block_drop": config.allow_block_drop}
+
+
 def build_env(config: SearchConfig, data: SearchData, pruner: Pruner | None = None) -> PruningEnv:
+    """One pruning environment for ``config``, on a new :class:`Pruner` unless one is given."""
     pruner = pruner or Pruner(data.loaded, data.calibration_batches)
-    return PruningEnv(
-        pruner, TopOneReward(data.reward_batches), macs_target=config.macs_target,
-        criterion=config.criterion, round_to=config.round_to, max_ratio=config.max_ratio,
-        allow_block_drop=config.allow_block_drop, bn_batches=data.bn_batches,
-    )
+    return PruningEnv(pruner, TopOneReward(data.reward_batches), bn_batches=data.bn_batches, **_env_kwargs(config))
 
 
-def _test_top1(env: PruningEnv, policy: Policy, data: SearchData) -> float:
-    pruned = env.pruner.apply(policy)
+def build_vec_env(config: SearchConfig, data: SearchData, pruner: Pruner) -> LocalVecEnv | RayVecEnv:
+    """``ppo.episodes_per_update`` sub-environments, in process or on ``distributed.workers``
+    Ray workers (then inside :func:`~rl_pruner.distributed.cluster.ray_cluster`)."""
+    spec = EnvSpec(data.loaded, TopOneReward(data.reward_batches), list(data.bn_batches),
+                   {config.criterion: pruner.scores(config.criterion)}, _env_kwargs(config))
+    n_envs = config.ppo.episodes_per_update
+    settings = config.distributed
+    if settings.workers == 0:
+        return LocalVecEnv(spec, n_envs, pruner=pruner)
+    threads = threads_per_worker(settings.workers, settings.threads_per_worker)
+    logger.info("running %d sub-environments on %d Ray workers, %d torch thread(s) each",
+                n_envs, settings.workers, threads)
+    return RayVecEnv(spec, n_envs, settings.workers, n_threads=threads,
+                     max_replacements=settings.max_worker_replacements)
+
+
+def _test_top1(pruner: Pruner, policy: Policy, data: SearchData) -> float:
+    pruned = pruner.apply(policy)
     reestimate_batchnorm(pruned, data.bn_batches)
     return evaluate_top1(pruned, data.test_batches or [], disable_progress=True)
 
@@ -172,7 +193,9 @@ class Search:
         self.tracker = tracker
         self.data = data
         self.state = state
-        self.env = build_env(config, data)
+        self.pruner = Pruner(data.loaded, data.calibration_batches)
+        self.structure = self.pruner.structure
+        self.vec_env = build_vec_env(config, data, self.pruner)
         self.output_dir = Path(config.output_dir) / tracker.run_id
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self._progress: tqdm | None = None
@@ -183,12 +206,10 @@ class Search:
     # Baselines
 
     def score_baselines(self) -> None:
-        for name in self.config.baselines:
-            if name in self.state.baselines:
-                continue
-            policy = make_baseline(name, self.env.pruner, self.config.macs_target,
-                                   criterion=self.config.criterion, round_to=self.config.round_to)
-            result = self.env.evaluate_policy(policy)
+        names = [name for name in self.config.baselines if name not in self.state.baselines]
+        policies = [make_baseline(name, self.pruner, self.config.macs_target, criterion=self.config.criterion,
+                                  round_to=self.config.round_to) for name in names]
+        for name, policy, result in zip(names, policies, self.vec_env.evaluate_policies(policies), strict=True):
             record = {"reward": result.reward, "macs_ratio": result.macs_ratio, **result.metrics,
                       "policy": policy.to_dict()}
             self.state.baselines[name] = record
@@ -200,6 +221,10 @@ class Search:
     # Episodes
 
     def _on_episode(self, result: EpisodeResult) -> bool:
+        # Episodes finish in groups of ppo.episodes_per_update; those past the
+        # configured count are dropped so exactly that many are logged.
+        if self.state.episodes_done >= self.config.episodes:
+            return False
         episode = self.state.episodes_done
         self.state.add(episode, result)
         self.tracker.log_episode(episode, {
@@ -222,17 +247,18 @@ class Search:
         remaining = self.config.episodes - self.state.episodes_done
         if remaining <= 0:
             return
-        episode_length = len(self.env.structure.layers)
+        episode_length = len(self.structure.layers)
         if agent_path is not None:
-            self.agent = load_ppo(agent_path, self.env)
+            self.agent = load_ppo(agent_path, self.vec_env)
         else:
-            self.agent = build_ppo(self.env, self.config.ppo, seed=self.config.seed, episode_length=episode_length)
+            self.agent = build_ppo(self.vec_env, self.config.ppo, seed=self.config.seed, episode_length=episode_length)
         self._progress = tqdm(total=self.config.episodes, initial=self.state.episodes_done, unit="episode",
                               desc="search", dynamic_ncols=True)
         callback = EpisodeCallback(self._on_episode, should_stop=lambda: self._stop_requested)
         previous_handler = self._catch_ctrl_c()
         try:
-            self.agent.learn(total_timesteps=2 * remaining * episode_length, callback=callback,
+            # An upper bound: the callback stops training after the last episode.
+            self.agent.learn(total_timesteps=2 * (remaining + self.vec_env.num_envs) * episode_length, callback=callback,
                              reset_num_timesteps=agent_path is None)
         finally:
             self._progress.close()
@@ -271,6 +297,9 @@ class Search:
         from rl_pruner.plots import plot_best_reward_curve, plot_keep_ratios, plot_reward_vs_macs
 
         self.save_state()
+        if isinstance(self.vec_env, RayVecEnv):
+            self.tracker.log_metrics({"distributed/worker_replacements": float(self.vec_env.n_replacements),
+                                      "distributed/worker_nodes": float(len(set(self.vec_env.worker_nodes())))})
         ranked = self.state.ranked()
         summary: dict[str, Any] = {
             "run_id": self.tracker.run_id, "episodes": self.state.episodes_done,
@@ -289,7 +318,7 @@ class Search:
                         "best_macs_ratio": best.metadata.get("macs_ratio")})
 
         history = self.state.history
-        structure = self.env.structure
+        structure = self.structure
         uniform = self.state.baselines.get("uniform", {}).get("policy")
         uniform_ratios = uniform["pruning_ratios"] if uniform else {}
         dropped_layers = {layer.name for layer in structure.layers if layer.block in set(best.dropped_blocks)}
@@ -308,9 +337,9 @@ class Search:
             self.tracker.log_figure(figure, path)
 
         if self.data.test_batches and evaluate_test:
-            test_scores = {"best": _test_top1(self.env, best, self.data)}
+            test_scores = {"best": _test_top1(self.pruner, best, self.data)}
             for name, record in self.state.baselines.items():
-                test_scores[name] = _test_top1(self.env, Policy.from_dict(record["policy"]), self.data)
+                test_scores[name] = _test_top1(self.pruner, Policy.from_dict(record["policy"]), self.data)
             self.tracker.log_metrics({f"test/{name}/top1": value for name, value in test_scores.items()})
             summary["test_top1"] = test_scores
         return summary
@@ -343,21 +372,35 @@ def _restore(tracker: SearchTracker) -> tuple[SearchState, Path | None]:
 
 
 def run_search(config: SearchConfig, *, resume_run_id: str | None = None,
-               on_start: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Run (or resume) one search and return its summary; see the module docstring."""
-    # Checked before the data are read, which can take minutes; SearchTracker checks again
-    # on its own because it is also used without run_search.
+               on_start: Callable[[str], None] | None = None,
+               parent_run_id: str | None = None) -> dict[str, Any]:
+    """Run (or resume) one search and return its summary; see the module docstring.
+
+    With ``distributed.workers`` > 0, episodes run on Ray workers of the cluster at
+    ``distributed.ray_address``. ``parent_run_id`` makes the MLflow run a child of that
+    run (a sweep's).
+    """
+    # Both checked before the data are read, which can take minutes. SearchTracker
+    # checks the URI again on its own because it is also used without run_search.
     check_tracking_uri(config.tracking.uri)
-    data = prepare_data(config)
-    torch.manual_seed(config.seed)
-    tags = {"model": config.model, "macs_target": str(config.macs_target), "criterion": config.criterion}
-    with SearchTracker(config.tracking.uri, config.tracking.experiment, run_name=config.tracking.run_name,
-                       tags=tags, resume_run_id=resume_run_id) as tracker:
+    with ExitStack() as stack:
+        if config.distributed.workers > 0:
+            stack.enter_context(ray_cluster(config.distributed.ray_address))
+        data = prepare_data(config)
+        torch.manual_seed(config.seed)
+        tags = {"model": config.model, "macs_target": str(config.macs_target), "criterion": config.criterion}
+        if parent_run_id is not None:
+            tags[PARENT_RUN_TAG] = parent_run_id
+        tracker = stack.enter_context(SearchTracker(
+            config.tracking.uri, config.tracking.experiment, run_name=config.tracking.run_name,
+            tags=tags, resume_run_id=resume_run_id,
+        ))
         if on_start is not None:
             on_start(tracker.run_id)
         tracker.log_params(flatten_config(config))
         state, agent_path = _restore(tracker) if resume_run_id else (SearchState(), None)
         search = Search(config, tracker, data, state)
+        stack.callback(search.vec_env.close)
         try:
             search.score_baselines()
             search.train(agent_path)

@@ -35,6 +35,9 @@ from urllib.parse import urlsplit, urlunsplit
 # makes no network connections of its own accord, so telemetry is off unless the user
 # sets the variable.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# With a tracking server, MLflow writes "View run ... at: URL" to stdout when a run
+# ends, which would corrupt `--json` output; the CLI reports the run itself.
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 import mlflow  # noqa: E402
 from matplotlib.figure import Figure
@@ -67,6 +70,8 @@ BEST_POLICY_PATH = "policies/best_policy.json"
 TOP_POLICIES_DIR = "policies/top5"
 N_TOP_POLICIES = 5
 RESUME_TAG_PREFIX = "resume/"
+# MLflow's UI nests a run under the run whose id this tag holds.
+PARENT_RUN_TAG = "mlflow.parentRunId"
 SUPPORTED_SCHEMES = ("http", "https", "sqlite", "file", "a plain directory path")
 
 # Scheme-less tracking URIs that MLflow reads as Databricks workspaces, not as directories.

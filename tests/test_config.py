@@ -47,8 +47,9 @@ def test_experiment_files_present() -> None:
 @pytest.mark.parametrize("path", EXPERIMENT_FILES, ids=lambda path: path.name)
 def test_experiment_header_says_how_to_run(path: Path) -> None:
     text = path.read_text()
+    command = "sweep" if "\nsweep:" in text else "search"
     assert text.startswith("#")
-    assert f"rl-pruner search experiments/{path.name}" in text
+    assert f"rl-pruner {command} experiments/{path.name}" in text
 
 
 def test_demo_experiment_loads(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -29,12 +29,11 @@ from torch import nn
 from rl_pruner.engine.shortcut_pruner import CUSTOMIZED_PRUNERS
 from rl_pruner.engine.structure import ModelStructure
 from rl_pruner.errors import InputError
-from rl_pruner.policy import check_criterion
+from rl_pruner.policy import DATA_CRITERIA, check_criterion
 
 logger = logging.getLogger(__name__)
 
 Batches = Sequence[tuple[torch.Tensor, torch.Tensor]]
-DATA_CRITERIA = ("taylor", "apoz")
 
 
 def _torch_pruning_importance(criterion: str) -> tp.importance.Importance:

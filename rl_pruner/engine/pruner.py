@@ -54,6 +54,18 @@ class Pruner:
             )
         return self._scores[criterion]
 
+    def preload_scores(self, criterion: str, scores: Mapping[str, torch.Tensor]) -> None:
+        """Use ``scores`` (from :meth:`scores` of a Pruner of the same model) for ``criterion``.
+
+        Workers of a distributed search receive the driver's scores this way, so every
+        worker ranks channels identically and none recomputes them.
+        """
+        check_criterion(criterion)
+        missing = set(self.structure.layer_names) - set(scores)
+        if missing:
+            raise InputError(f"{criterion} scores lack layers {sorted(missing)[:3]}; they belong to another model")
+        self._scores[criterion] = dict(scores)
+
     def make_policy(
         self,
         pruning_ratios: Mapping[str, float] | Sequence[float],

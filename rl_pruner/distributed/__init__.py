@@ -1,0 +1,1 @@
+"""Distributed search: episodes on Ray workers, and sweeps of searches with Ray Tune."""
