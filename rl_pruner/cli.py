@@ -150,6 +150,11 @@ def _check_search_endpoints(args: argparse.Namespace) -> None:
 
     args.search_config = load_config(args.config, args.overrides)
     uses_ray = args.command == "sweep" or args.search_config.distributed.workers > 0
+    if args.ray_address is not None and not uses_ray:
+        raise InputError(
+            f"--ray-address {args.ray_address} has no effect: distributed.workers is 0, so episodes run in this "
+            "process; add --workers N to run them on the cluster"
+        )
     check_endpoints(args.search_config, uses_ray=uses_ray)
 
 

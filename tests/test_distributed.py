@@ -69,6 +69,17 @@ def test_local_cluster_listens_on_loopback_only(ray_local: dict[str, Any]) -> No
     assert binds <= {"127.0.0.1", "[::ffff:127.0.0.1]", "[::1]"}, binds
 
 
+def test_search_and_sweep_modules_do_not_import_ray() -> None:
+    # A local cluster stays on 127.0.0.1 only if Ray is first imported after
+    # ray_cluster() sets its multi-node switch, so these modules must not import it.
+    script = ("import sys, rl_pruner.cli, rl_pruner.commands, rl_pruner.search, rl_pruner.distributed.sweep; "
+              "print('ray' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=120)
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
+
+
 def _episodes(client: MlflowClient, run_id: str) -> list[int]:
     return sorted(metric.step for metric in client.get_metric_history(run_id, "episode/reward"))
 
@@ -162,6 +173,41 @@ def test_unreachable_ray_address_fails_fast(tmp_path: Path, address: str) -> Non
     assert address in lines[0] and "not reachable" in lines[0] and "--ray-address" in lines[0]
     assert elapsed < 30
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_auto_address_without_live_cluster_fails_fast(tmp_path: Path) -> None:
+    record = tmp_path / "ray" / "ray_current_cluster"
+    record.parent.mkdir()
+    record.write_text(f"127.0.0.1:{_closed_port()}")
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), MLFLOW_DISABLE_TELEMETRY="true", RAY_TMPDIR=str(tmp_path))
+    env.pop("RAY_ADDRESS", None)
+    command = [sys.executable, "-m", "rl_pruner.cli", "search", str(REPO_ROOT / "experiments" / "demo.yaml"),
+               "--workers", "2", "--ray-address", "auto"]
+
+    stale = subprocess.run(command, cwd=tmp_path, env=env, check=False, capture_output=True, text=True, timeout=60)
+    record.unlink()
+    missing = subprocess.run(command, cwd=tmp_path, env=env, check=False, capture_output=True, text=True, timeout=60)
+
+    assert stale.returncode == 2 and "not reachable" in stale.stderr, stale.stderr
+    assert len(stale.stderr.strip().splitlines()) == 1
+    assert missing.returncode == 2 and "found no Ray cluster" in missing.stderr, missing.stderr
+
+
+def test_ray_address_without_workers_is_rejected(tmp_path: Path) -> None:
+    result = _cli("search", str(REPO_ROOT / "experiments" / "demo.yaml"), "--ray-address", "auto", cwd=tmp_path)
+
+    assert result.returncode == 2
+    assert "--ray-address auto has no effect" in result.stderr and "--workers" in result.stderr
+
+
+def test_more_worker_cpus_than_cluster_is_rejected(tmp_path: Path, shared_data: Path, cifar_train_archive: Path,
+                                                  ray_local: dict[str, Any]) -> None:
+    from rl_pruner.errors import ConfigError
+    from rl_pruner.search import run_search
+
+    config = _config(tmp_path, shared_data, cifar_train_archive, **{"distributed.threads_per_worker": 2})
+    with pytest.raises(ConfigError, match="need 4 CPUs but the Ray cluster has 2"):
+        run_search(config)
 
 
 def test_unreachable_tracking_server_fails_fast(tmp_path: Path) -> None:

@@ -23,6 +23,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -101,9 +102,40 @@ def _keep_ray_on_loopback() -> None:
                        "its servers may listen on every interface")
 
 
+def _auto_address() -> str:
+    """The address ``auto`` stands for: ``$RAY_ADDRESS``, else the cluster that the last
+    ``ray start`` on this machine recorded in Ray's temporary folder."""
+    from_environment = os.environ.get("RAY_ADDRESS", "").strip()
+    if from_environment and from_environment != AUTO:
+        return from_environment
+    record = Path(os.environ.get("RAY_TMPDIR", "/tmp")) / "ray" / "ray_current_cluster"
+    try:
+        recorded = record.read_text().strip()
+    except OSError:
+        recorded = ""
+    if not recorded:
+        raise ConfigError(
+            f"--ray-address auto found no Ray cluster on this machine (no RAY_ADDRESS and no {record}); {_FIX}"
+        )
+    return recorded
+
+
 def check_ray_address(address: str) -> None:
-    """Reject an address that is malformed or does not accept TCP connections."""
-    if address in (LOCAL, AUTO):
+    """Reject an address that is malformed or does not accept TCP connections.
+
+    ``auto`` is resolved first, as Ray resolves it, so a cluster that stopped without
+    'ray stop' is reported here instead of in Ray's minutes of retries.
+    NOTE: Ray also falls back to any running cluster it finds among the processes;
+    that fallback is not checked here.
+    """
+    if address == LOCAL:
+        return
+    if address == AUTO:
+        resolved = _auto_address()
+        try:
+            check_ray_address(resolved)
+        except ConfigError as err:
+            raise ConfigError(f"--ray-address auto means {resolved} here, and {err}") from err
         return
     parts = urlsplit(address if "://" in address else f"gcs://{address}")
     if parts.scheme not in ("gcs", "ray"):

@@ -124,8 +124,6 @@ def _run_trial(values: dict[str, Any], base_record: dict[str, Any], parent_run_i
 
 def run_sweep(config: SearchConfig) -> dict[str, Any]:
     """Run the sweep described by ``config.sweep`` and return its summary."""
-    from ray import tune
-
     check_tracking_uri(config.tracking.uri)
     sweep = config.sweep
     storage = Path(config.output_dir).resolve() / "tune"
@@ -135,6 +133,10 @@ def run_sweep(config: SearchConfig) -> dict[str, Any]:
     run_name = config.tracking.run_name or f"sweep {config.model}"
     with ray_cluster(config.distributed.ray_address) as cluster, \
             SearchTracker(config.tracking.uri, config.tracking.experiment, run_name=run_name, tags=tags) as parent:
+        # Imported only now: the cluster must be set up before Ray is first imported,
+        # which decides whether a local cluster listens on 127.0.0.1 only.
+        from ray import tune
+
         parent.log_params({key: value for key, value in flatten_config(config).items()
                            if key.startswith("sweep.") or key in ("model", "data", "criterion", "episodes")})
         # Tune pickles the trainable, so it captures plain values only.

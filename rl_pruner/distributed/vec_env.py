@@ -39,7 +39,7 @@ from stable_baselines3.common.vec_env.base_vec_env import VecEnv, VecEnvIndices,
 
 from rl_pruner.engine.pruner import Pruner
 from rl_pruner.envs.pruning_env import EpisodeResult, PruningEnv
-from rl_pruner.errors import RLPrunerError
+from rl_pruner.errors import ConfigError, RLPrunerError
 from rl_pruner.models.registry import LoadedModel
 from rl_pruner.policy import Policy
 from rl_pruner.reward import RewardEvaluator
@@ -227,6 +227,14 @@ class RayVecEnv(_PruningVecEnvBase):
 
         if not 1 <= n_workers <= n_envs:
             raise ValueError(f"n_workers must be in [1, {n_envs}], got {n_workers}")
+        cluster_cpus = int(ray.cluster_resources().get("CPU", 0))
+        if n_workers * n_threads > cluster_cpus:
+            # Ray would queue the workers until CPUs appear, and the search would wait silently.
+            # NOTE: a cluster that autoscales may add CPUs later; it is rejected here all the same.
+            raise ConfigError(
+                f"{n_workers} workers x {n_threads} thread(s) need {n_workers * n_threads} CPUs but the Ray "
+                f"cluster has {cluster_cpus}; lower --workers or distributed.threads_per_worker, or add nodes"
+            )
         self._ray = ray
         self.n_threads = n_threads
         self.max_replacements = max_replacements
