@@ -276,7 +276,7 @@ def _prune_globally(
         global_pruning=True,
         pruning_ratio=ratio,
         max_pruning_ratio=max_ratio,
-        ignored_layers=[modules[pruner.structure.output_module]],
+        ignored_layers=[modules[name] for name in (pruner.structure.output_modules or (pruner.structure.output_module,))],
         round_to=round_to if round_to > 1 else None,
         customized_pruners=dict(CUSTOMIZED_PRUNERS),
     )

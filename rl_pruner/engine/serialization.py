@@ -33,6 +33,7 @@ from rl_pruner.data import Normalization
 from rl_pruner.errors import CheckpointError
 from rl_pruner.models.cifar_resnet import ZeroPadShortcut
 from rl_pruner.models.checkpoint import read_checkpoint
+from rl_pruner.models.yolov7.modules import ImplicitA, ImplicitM
 
 PRUNED_FORMAT = "rl-pruner-pruned-model"
 PRUNED_VERSION = 1
@@ -48,6 +49,8 @@ def _module_record(module: nn.Module) -> dict[str, Any] | None:
         return {"type": "BatchNorm", "num_features": module.num_features}
     if isinstance(module, ZeroPadShortcut):
         return {"type": "ZeroPadShortcut", **module.structure()}
+    if isinstance(module, (ImplicitA, ImplicitM)):
+        return {"type": "Implicit", "channel": module.channel}
     return None
 
 
@@ -111,6 +114,8 @@ def _resize_module(module: nn.Module, record: dict[str, Any], state: dict[str, t
         module.num_features = int(record["num_features"])
     elif kind == "ZeroPadShortcut":
         module.load_structure(record)
+    elif kind == "Implicit":
+        module.channel = int(record["channel"])
     for name, param in list(module.named_parameters(recurse=False)):
         saved = state.get(prefix + name)
         if saved is not None and saved.shape != param.shape:

@@ -6,6 +6,10 @@ model fails at its classifier. Registered as a customised layer, the shortcut ge
 input and output channels of its own, like a convolution, so the previous stage's
 residual channels and this stage's are separate groups. Pruning either side edits
 the index vectors that map each copied input channel to its output channel.
+
+:data:`CUSTOMIZED_PRUNERS` is the one registry of customised layers that every
+dependency graph of the engine is built with: this shortcut and the implicit layers of
+the YOLOv7 head (:data:`~rl_pruner.models.yolov7.pruners.YOLOV7_PRUNERS`).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import torch
 import torch_pruning as tp
 
 from rl_pruner.models.cifar_resnet import ZeroPadShortcut
+from rl_pruner.models.yolov7.pruners import YOLOV7_PRUNERS
 
 
 def _remaining_positions(n_channels: int, removed: Sequence[int]) -> torch.Tensor:
@@ -59,4 +64,5 @@ class ZeroPadShortcutPruner(tp.pruner.function.BasePruningFunc):
 
 CUSTOMIZED_PRUNERS: dict[type, tp.pruner.function.BasePruningFunc] = {
     ZeroPadShortcut: ZeroPadShortcutPruner(),
+    **YOLOV7_PRUNERS,
 }

@@ -7,6 +7,11 @@ its first convolution or linear module in ``model.named_modules()`` order. In a 
 the convolutions that write into one residual stream form a single layer. A policy
 gives one pruning ratio (fraction of channels removed) per layer.
 
+A model with several outputs (a detector's per-level output convolutions) names them
+in the attribute ``rl_pruner_output_modules`` (a sequence of module names); otherwise
+the output module is the leaf module whose output is the model's output. Output
+modules never lose output channels.
+
 The record is plain data (module names, index maps, per-module cost terms), so later
 policies are applied and costed without tracing the model again.
 """
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -77,9 +83,10 @@ class ModelStructure:
     layers: list[PrunableLayer]
     blocks: list[RemovableBlock]
     cost_terms: list[CostTerm]
-    output_module: str
+    output_module: str  # the first of ``output_modules``: a classifier's only output module
     dense_macs: int
     dense_params: int
+    output_modules: tuple[str, ...] = ()  # every module whose output channels are model outputs
 
     @property
     def fingerprint(self) -> str:
@@ -124,26 +131,58 @@ def is_removable_block(module: nn.Module) -> bool:
     return False
 
 
+OUTPUT_MODULES_ATTRIBUTE = "rl_pruner_output_modules"
+
+
+def _find_output_modules(model: nn.Module, example_input: torch.Tensor) -> list[str]:
+    """Names of the modules whose outputs are the model's outputs; never pruned.
+
+    A model that sets ``rl_pruner_output_modules`` names them itself; otherwise the one
+    leaf module whose output the forward pass returns (the classifier) is found.
+    """
+    declared = getattr(model, OUTPUT_MODULES_ATTRIBUTE, None)
+    if declared is None:
+        return [_find_output_module(model, example_input)]
+    names = [str(name) for name in declared]
+    modules = dict(model.named_modules())
+    unknown = [name for name in names if name not in modules]
+    if not names or unknown:
+        raise InputError(
+            f"{type(model).__name__}.{OUTPUT_MODULES_ATTRIBUTE} is {names!r}; it must name one or "
+            f"more modules of the model (unknown: {unknown!r})"
+        )
+    return names
+
+
 def _find_output_module(model: nn.Module, example_input: torch.Tensor) -> str:
     """Name of the leaf module whose output is the model's output (the classifier)."""
-    outputs: dict[int, str] = {}
+    # A freed output's id may be reused by a later tensor, so each id keeps a weak
+    # reference, which shows whether the recorded output is the returned object.
+    outputs: dict[int, tuple[str, weakref.ref[torch.Tensor]]] = {}
     hooks = []
+
+    def record(name: str, output: object) -> None:
+        if isinstance(output, torch.Tensor):
+            outputs[id(output)] = (name, weakref.ref(output))
+
     for name, module in model.named_modules():
         if len(list(module.children())) == 0:
             hooks.append(module.register_forward_hook(
-                lambda _m, _i, out, name=name: outputs.__setitem__(id(out), name)))
+                lambda _m, _i, out, name=name: record(name, out)))
     try:
         with torch.no_grad():
             result = model(example_input)
     finally:
         for hook in hooks:
             hook.remove()
-    if id(result) not in outputs:
+    name, reference = outputs.get(id(result), ("", None))
+    if reference is None or reference() is not result:
         raise InputError(
             "the model's output is not produced by a module, so its classifier cannot be found; "
-            "end the model's forward with the classifier module's output"
+            "end the model's forward with the classifier module's output, or name the output "
+            f"modules in the model attribute {OUTPUT_MODULES_ATTRIBUTE!r}"
         )
-    return outputs[id(result)]
+    return name
 
 
 def _positions_per_sample(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]:
@@ -191,9 +230,10 @@ def analyze_model(
 ) -> ModelStructure:
     """Trace ``model`` once and record its prunable layers, blocks and cost terms.
 
-    ``input_shape`` is one sample's shape (C, H, W). The module that produces the
-    model's output (the classifier) and any module named in ``ignored_layers`` are
-    left out of every layer's root, so their output channels are never pruned.
+    ``input_shape`` is one sample's shape (C, H, W). The modules that produce the
+    model's outputs (the classifier, or those named by the model attribute
+    ``rl_pruner_output_modules``) and any module named in ``ignored_layers`` are left
+    out of every layer's root, so their output channels are never pruned.
     """
     model = model.eval()
     example_input = torch.zeros(1, *input_shape)
@@ -201,8 +241,8 @@ def analyze_model(
     order = {name: position for position, name in enumerate(modules)}
     name_of = {module: name for name, module in modules.items()}
 
-    output_module = _find_output_module(model, example_input)
-    ignored = [modules[output_module]] + [modules[name] for name in ignored_layers]
+    output_modules = _find_output_modules(model, example_input)
+    ignored = [modules[name] for name in [*output_modules, *ignored_layers]]
     positions = _positions_per_sample(model, example_input)
     block_names = [name for name, module in modules.items() if name and is_removable_block(module)]
 
@@ -268,9 +308,10 @@ def analyze_model(
         layers=layers,
         blocks=blocks,
         cost_terms=cost_terms,
-        output_module=output_module,
+        output_module=output_modules[0],
         dense_macs=dense_macs,
         dense_params=dense_params,
+        output_modules=tuple(output_modules),
     )
 
 
@@ -348,6 +389,14 @@ def _cost_terms(
 
 
 def _channelwise_size(module: nn.Module) -> int:
+    """Channels of a per-channel module, counted as its Torch-Pruning handler counts them.
+
+    A customised layer's handler reports its width (a ``(1, C, 1, 1)`` implicit parameter
+    has C channels); otherwise every parameter's first dimension is the channel count.
+    """
+    handler = CUSTOMIZED_PRUNERS.get(type(module))
+    if handler is not None:
+        return int(handler.get_out_channels(module))
     sizes = {p.shape[0] for p in module.parameters(recurse=False)}
     if len(sizes) != 1:
         raise ValueError(f"module {type(module).__name__} has per-channel parameters of different sizes")

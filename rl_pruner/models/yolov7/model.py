@@ -96,6 +96,16 @@ class YOLOv7(nn.Module):
         return head
 
     @property
+    def rl_pruner_output_modules(self) -> list[str]:
+        """Names of the head's per-level output convolutions, which pruning must leave whole.
+
+        :func:`rl_pruner.engine.structure.analyze_model` reads this attribute: their
+        output channels are the detections (anchors x (classes + 5) per level).
+        """
+        head_name = f"model.{len(self.model) - 1}"
+        return [f"{head_name}.m.{index}" for index in range(len(self.head.m))]
+
+    @property
     def stride(self) -> torch.Tensor:
         """Stride in pixels of each detection level."""
         return self.head.stride
