@@ -16,6 +16,7 @@ from typing import Any
 
 from rl_pruner import __version__
 from rl_pruner.errors import InputError, RLPrunerError
+from rl_pruner.training.cli import add_training_commands, run_training_command
 
 logger = logging.getLogger("rl_pruner")
 
@@ -124,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="folder for the checkpoint, the MLflow store and the pruned model (default rl-pruner-demo)")
     demo.add_argument("--episodes", type=int, default=None, help="search episodes (default 40)")
     _add_output_arguments(demo)
+
+    add_training_commands(commands)
     return parser
 
 
@@ -182,6 +185,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if hasattr(args, "training_handler"):
+        return run_training_command(args)
     try:
         # Checked before importing the commands, which load torch and take seconds.
         if args.command in ("policy", "apply"):
