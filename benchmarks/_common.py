@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import logging
 import os
 import platform
+import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,3 +46,46 @@ def write_result(name: str, result: dict[str, Any]) -> Path:
     path.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {path}")
     return path
+
+
+def training_arguments(description: str, name: str, state_help: str) -> argparse.Namespace:
+    """Parse the options shared by the training benchmarks, set up logging and seed torch.
+
+    ``name`` names the default resume state file, ``<tmp>/rl-pruner-benchmark-<name>.pt``.
+    """
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--state", type=Path, default=Path(tempfile.gettempdir()) / f"rl-pruner-benchmark-{name}.pt",
+                        help=state_help)
+    parser.add_argument("--resume", action="store_true", help="continue the run saved in --state")
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
+    parser.add_argument("--max-minutes", type=float, default=None,
+                        help="stop training after this many minutes and record the partial result")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    return args
+
+
+@dataclass
+class CifarTrainingData:
+    """CIFAR-10 JPEG splits of the training benchmarks, read from the reference data."""
+
+    train_augmented: Any
+    bn_batches: list
+    test_batches: list
+    n_test_images: int
+
+
+def cifar_training_data(bn_images: int) -> CifarTrainingData:
+    """Open the training archive with augmentation, and read ``bn_images`` training images
+    (without augmentation) for batch-norm re-estimation and the whole test archive as batches."""
+    from rl_pruner.data import build_image_folder, load_batches, split_indices
+
+    data = shared_data()
+    train_plain = build_image_folder(data / "cifar10-jpeg" / "train.tar.gz", image_size=None)
+    train_augmented = build_image_folder(data / "cifar10-jpeg" / "train.tar.gz", image_size=None, augment=True)
+    test = build_image_folder(data / "cifar10-jpeg" / "test.tar.gz", image_size=None)
+    (bn_indices,) = split_indices(len(train_plain), [bn_images], seed=0)
+    return CifarTrainingData(train_augmented, load_batches(train_plain, bn_indices, 250),
+                             load_batches(test, None, 500), len(test))

@@ -21,17 +21,12 @@ Run: python benchmarks/finetune.py  -> benchmarks/results/finetune.json
 
 from __future__ import annotations
 
-import argparse
-import logging
 import signal
-import tempfile
 import time
-from pathlib import Path
 
 import torch
-from _common import shared_data, write_result
+from _common import cifar_training_data, shared_data, training_arguments, write_result
 
-from rl_pruner.data import build_image_folder, load_batches, split_indices
 from rl_pruner.engine.pruner import Pruner
 from rl_pruner.evaluation import evaluate_top1
 from rl_pruner.models.registry import load_model
@@ -62,26 +57,12 @@ class WallTimeLimit(TrainingHooks):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--state", type=Path, default=Path(tempfile.gettempdir()) / "rl-pruner-benchmark-finetune.pt",
-                        help="resume state file of the distillation run")
-    parser.add_argument("--resume", action="store_true", help="continue the run saved in --state")
-    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
-    parser.add_argument("--max-minutes", type=float, default=None,
-                        help="stop training after this many minutes and record the partial result")
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-
+    args = training_arguments(__doc__.splitlines()[0], "finetune", "resume state file of the distillation run")
     data = shared_data()
     loaded = load_model("cifar_resnet56", data / "checkpoints" / "cifar10-resnet56.th")
-    train_plain = build_image_folder(data / "cifar10-jpeg" / "train.tar.gz", image_size=None)
-    train_augmented = build_image_folder(data / "cifar10-jpeg" / "train.tar.gz", image_size=None, augment=True)
-    test = build_image_folder(data / "cifar10-jpeg" / "test.tar.gz", image_size=None)
-    (bn_indices,) = split_indices(len(train_plain), [BN_IMAGES], seed=0)
-    bn_batches = load_batches(train_plain, bn_indices, 250)
-    test_batches = load_batches(test, None, 500)
+    splits = cifar_training_data(BN_IMAGES)
+    train_augmented = splits.train_augmented
+    bn_batches, test_batches = splits.bn_batches, splits.test_batches
     dense_top1 = evaluate_top1(loaded.model, test_batches)
 
     pruner = Pruner(loaded)
@@ -95,7 +76,7 @@ def main() -> None:
     common = {
         "model": "cifar_resnet56", "macs_target": MACS_TARGET, "round_to": 1, "criterion": policy.criterion,
         "macs_ratio": policy.metadata["macs_ratio"], "bn_images": BN_IMAGES,
-        "train_images": len(train_augmented), "test_images": len(test),
+        "train_images": len(train_augmented), "test_images": splits.n_test_images,
         "config": CONFIG.to_dict(), "distillation": DISTILLATION.to_dict(),
         "dense_top1": dense_top1, "pruned_top1": pruned_top1, "required_gain_points": REQUIRED_GAIN_POINTS,
         "resumed": args.resume, "state": str(args.state),

@@ -21,20 +21,15 @@ Run: python benchmarks/semistructured.py  -> benchmarks/results/semistructured.j
 
 from __future__ import annotations
 
-import argparse
 import copy
-import logging
 import os
 import signal
-import tempfile
 import threading
 import time
-from pathlib import Path
 
 import torch
-from _common import shared_data, write_result
+from _common import cifar_training_data, shared_data, training_arguments, write_result
 
-from rl_pruner.data import build_image_folder, load_batches, split_indices
 from rl_pruner.engine.batchnorm import reestimate_batchnorm
 from rl_pruner.evaluation import evaluate_top1
 from rl_pruner.models.registry import load_model
@@ -54,27 +49,12 @@ CONFIG = TrainingConfig(epochs=1, batch_size=128, learning_rate=0.01, momentum=0
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--state", type=Path,
-                        default=Path(tempfile.gettempdir()) / "rl-pruner-benchmark-semistructured.pt",
-                        help="resume state file of the masked fine-tuning")
-    parser.add_argument("--resume", action="store_true", help="continue the run saved in --state")
-    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
-    parser.add_argument("--max-minutes", type=float, default=None,
-                        help="stop training after this many minutes and record the partial result")
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-
+    args = training_arguments(__doc__.splitlines()[0], "semistructured", "resume state file of the masked fine-tuning")
     data = shared_data()
     loaded = load_model("cifar_resnet20", data / "checkpoints" / "cifar10-resnet20.th")
-    train_plain = build_image_folder(data / "cifar10-jpeg" / "train.tar.gz", image_size=None)
-    train_augmented = build_image_folder(data / "cifar10-jpeg" / "train.tar.gz", image_size=None, augment=True)
-    test = build_image_folder(data / "cifar10-jpeg" / "test.tar.gz", image_size=None)
-    (bn_indices,) = split_indices(len(train_plain), [BN_IMAGES], seed=0)
-    bn_batches = load_batches(train_plain, bn_indices, 250)
-    test_batches = load_batches(test, None, 500)
+    splits = cifar_training_data(BN_IMAGES)
+    train_augmented = splits.train_augmented
+    bn_batches, test_batches = splits.bn_batches, splits.test_batches
     layers = eligible_layers(loaded.model)
 
     dense_top1 = evaluate_top1(loaded.model, test_batches)
@@ -115,7 +95,7 @@ def main() -> None:
     n_weights = sum(module.weight.numel() for module in modules.values() if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)))
     write_result("semistructured", {
         "model": "cifar_resnet20", "masked_layers": layers, "masked_weight_share": n_masked / n_weights,
-        "bn_images": BN_IMAGES, "train_images": len(train_augmented), "test_images": len(test),
+        "bn_images": BN_IMAGES, "train_images": len(train_augmented), "test_images": splits.n_test_images,
         "config": CONFIG.to_dict(), "finished": finished, "steps_done": progress["step"],
         "steps_total": CONFIG.epochs * (len(train_augmented) // CONFIG.batch_size),
         "seconds_this_invocation": seconds, "resumed": args.resume, "state": str(args.state),

@@ -25,23 +25,17 @@ Run: python benchmarks/sparsify.py  -> benchmarks/results/sparsify.json
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
-import logging
 import os
 import signal
-import tempfile
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
-import torch
-from _common import shared_data, write_result
+from _common import cifar_training_data, shared_data, training_arguments, write_result
 from torch import nn
 
-from rl_pruner.data import build_image_folder, load_batches, split_indices
 from rl_pruner.engine.pruner import Pruner
 from rl_pruner.evaluation import evaluate_top1
 from rl_pruner.models.registry import LoadedModel, load_model
@@ -70,26 +64,12 @@ def prune_and_measure(loaded: LoadedModel, model: nn.Module, bn_batches: list, t
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--state", type=Path, default=Path(tempfile.gettempdir()) / "rl-pruner-benchmark-sparsify.pt",
-                        help="resume state file of the sparsity training")
-    parser.add_argument("--resume", action="store_true", help="continue the run saved in --state")
-    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
-    parser.add_argument("--max-minutes", type=float, default=None,
-                        help="stop training after this many minutes and record the partial result")
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-
+    args = training_arguments(__doc__.splitlines()[0], "sparsify", "resume state file of the sparsity training")
     data = shared_data()
     loaded = load_model("cifar_resnet20", data / "checkpoints" / "cifar10-resnet20.th")
-    train_plain = build_image_folder(data / "cifar10-jpeg" / "train.tar.gz", image_size=None)
-    train_augmented = build_image_folder(data / "cifar10-jpeg" / "train.tar.gz", image_size=None, augment=True)
-    test = build_image_folder(data / "cifar10-jpeg" / "test.tar.gz", image_size=None)
-    (bn_indices,) = split_indices(len(train_plain), [BN_IMAGES], seed=0)
-    bn_batches = load_batches(train_plain, bn_indices, 250)
-    test_batches = load_batches(test, None, 500)
+    splits = cifar_training_data(BN_IMAGES)
+    train_augmented = splits.train_augmented
+    bn_batches, test_batches = splits.bn_batches, splits.test_batches
 
     original = {
         "bn_small_share": bn_scale_share_below(loaded.model),
@@ -127,7 +107,7 @@ def main() -> None:
     write_result("sparsify", {
         "model": "cifar_resnet20", "macs_target": MACS_TARGET, "round_to": 1, "criterion": "bn_scale",
         "small_bn_scale": SMALL_BN_SCALE, "bn_images": BN_IMAGES, "train_images": len(train_augmented),
-        "test_images": len(test), "config": CONFIG.to_dict(), "bn_penalty": BN_PENALTY.to_dict(),
+        "test_images": splits.n_test_images, "config": CONFIG.to_dict(), "bn_penalty": BN_PENALTY.to_dict(),
         "finished": finished, "steps_done": progress["step"],
         "steps_total": CONFIG.epochs * (len(train_augmented) // CONFIG.batch_size),
         "seconds_this_invocation": seconds, "resumed": args.resume, "state": str(args.state),

@@ -94,7 +94,7 @@ class TrackingConfig:
 
 @dataclass
 class DistributedConfig:
-    """Where a search's episodes run.
+    """Placement of a search's episodes: in process or on Ray workers.
 
     :param workers: Ray actors that run episodes, >= 0. 0 runs them in the search's own
         process, without Ray. At most ``ppo.episodes_per_update``, the episodes that

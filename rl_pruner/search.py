@@ -158,7 +158,7 @@ def _env_kwargs(config: SearchConfig) -> dict[str, Any]:
 
 
 def build_env(config: SearchConfig, data: SearchData, pruner: Pruner | None = None) -> PruningEnv:
-    """One pruning environment for ``config``, on a new :class:`Pruner` unless one is given."""
+    """Build one pruning environment for ``config``, on a new :class:`Pruner` unless one is given."""
     pruner = pruner or Pruner(data.loaded, data.calibration_batches)
     return PruningEnv(pruner, TopOneReward(data.reward_batches), bn_batches=data.bn_batches, **_env_kwargs(config))
 

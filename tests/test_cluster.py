@@ -203,7 +203,8 @@ def test_two_node_search_logs_to_postgres_backed_mlflow(
     assert steps == [0, 1, 2, 3]
     policy_path = client.download_artifacts(run_id, "policies/best_policy.json", str(tmp_path))
     policy = json.loads(Path(policy_path).read_text())
-    assert policy["model"]["architecture"] == "cifar_resnet20" and policy["pruning_ratios"]
+    assert policy["model"]["architecture"] == "cifar_resnet20"
+    assert policy["pruning_ratios"]
 
     binds = _server_binds()
     assert binds and binds <= LOOPBACK, f"Ray, MLflow or PostgreSQL listen beyond the loopback interface: {binds}"

@@ -280,7 +280,8 @@ def test_lock_pins_project_dependency(requirement: str) -> None:
 def test_lock_has_only_exact_pins() -> None:
     # read_lock raises on URLs, local paths, options and duplicates.
     pins = read_lock()
-    assert "psycopg" in pins and "psycopg-binary" in pins
+    assert "psycopg" in pins
+    assert "psycopg-binary" in pins
     for tool in TEST_TOOLS:
         assert tool not in pins, f"requirements.lock pins the test tool {tool}"
     assert "rl-pruner" not in pins

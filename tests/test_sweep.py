@@ -57,7 +57,8 @@ def test_sweep_of_three_targets_and_two_seeds(tmp_path: Path, shared_data: Path,
     artifacts = {item.path for item in client.list_artifacts(parent.info.run_id, "sweep")}
     assert {"sweep/trials.json", "sweep/best_per_target.md", "sweep/best_per_target.json"} <= artifacts
     pareto = Path(client.download_artifacts(parent.info.run_id, "plots/pareto.png", str(tmp_path)))
-    assert pareto.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and pareto.stat().st_size > 10_000
+    assert pareto.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert pareto.stat().st_size > 10_000
     table = json.loads(Path(client.download_artifacts(parent.info.run_id, "sweep/best_per_target.json",
                                                       str(tmp_path))).read_text())
     assert set(table) == {"0.3", "0.5", "0.7"}
@@ -78,4 +79,5 @@ def test_bad_sweep_section_is_one_line(tmp_path: Path, override: str, message: s
                              "--set", f"output_dir={tmp_path}"], cwd=REPO_ROOT, env=env, capture_output=True,
                             check=False, text=True, timeout=120)
     assert result.returncode == 2
-    assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert message in result.stderr

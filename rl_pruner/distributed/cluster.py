@@ -103,7 +103,7 @@ def _keep_ray_on_loopback() -> None:
 
 
 def _auto_address() -> str:
-    """The address ``auto`` stands for: ``$RAY_ADDRESS``, else the cluster that the last
+    """Resolve ``auto`` to ``$RAY_ADDRESS``, else to the cluster that the last
     ``ray start`` on this machine recorded in Ray's temporary folder."""
     from_environment = os.environ.get("RAY_ADDRESS", "").strip()
     if from_environment and from_environment != AUTO:
@@ -168,7 +168,7 @@ def _init_with_timeout(ray: Any, init_address: str, kwargs: dict[str, Any], addr
         and hasattr(signal, "SIGALRM")
 
     def give_up(signum: int, frame: Any) -> None:
-        raise TimeoutError(f"no answer within {CONNECT_TIMEOUT_S:g} s")
+        raise TimeoutError(f"timed out after {CONNECT_TIMEOUT_S:g} s")
 
     previous = signal.signal(signal.SIGALRM, give_up) if use_alarm else None
     if use_alarm:

@@ -61,7 +61,7 @@ def trial_space(config: SearchConfig) -> dict[str, Any]:
 
 
 def trial_config(base: SearchConfig, values: dict[str, Any]) -> SearchConfig:
-    """The search configuration of one trial: ``base`` with the trial's ``values`` set.
+    """Build the search configuration of one trial: ``base`` with the trial's ``values`` set.
 
     The trial runs its episodes in its own process (``distributed.workers`` 0) and
     carries no ``sweep`` section, so its MLflow parameters are the search's own.

@@ -9,8 +9,8 @@ Where the sub-environments run is separate from what they compute:
 
 - :class:`LocalVecEnv` steps all of them in this process.
 - :class:`RayVecEnv` splits them over N Ray actors. Each actor receives the model,
-  the reward batches and the channel scores once, through Ray's object store, and
-  steps its share of the sub-environments; the N final steps run in parallel.
+  the reward batches and the channel scores once, through Ray's object store. It
+  steps its share of the sub-environments, so the N final steps run in parallel.
 
 Each sub-environment sees the same actions wherever it runs, and the environment
 draws no random numbers. So with the same torch thread count per worker, a search
