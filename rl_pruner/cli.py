@@ -84,7 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_output_arguments(uniform)
 
     apply = commands.add_parser("apply", help="prune a checkpoint with a policy and save the smaller model")
-    _add_model_arguments(apply, checkpoint_required=True)
+    _add_model_arguments(apply)
+    apply.add_argument("--random-init", action="store_true",
+                       help="prune the model as built, without --checkpoint (an untrained model, for trials)")
     apply.add_argument("--policy", required=True, help="policy JSON file, or runs:/<run_id>/<path> in MLflow")
     apply.add_argument("--out", required=True, help="pruned model file to write (load it as --model pruned:PATH)")
     apply.add_argument("--force", action="store_true", help="overwrite --out if it exists")
@@ -97,6 +99,16 @@ def build_parser() -> argparse.ArgumentParser:
     apply.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for runs:/ policies")
     _add_data_arguments(apply)
     _add_output_arguments(apply)
+
+    export = commands.add_parser(
+        "export-yaml", help="write a pruned YOLOv7 as a model YAML with explicit widths plus its state_dict"
+    )
+    export.add_argument("--model", required=True, metavar="pruned:PATH", help="a pruned YOLOv7 written by apply")
+    export.add_argument("--out", required=True, metavar="DIR",
+                        help="folder for model.yaml and weights.pt (load them with --model yolov7:DIR/model.yaml "
+                             "--checkpoint DIR/weights.pt)")
+    export.add_argument("--force", action="store_true", help="overwrite model.yaml and weights.pt in --out")
+    _add_output_arguments(export)
 
     search = commands.add_parser("search", help="learn a pruning policy with PPO, tracked in MLflow")
     search.add_argument("config", help="search configuration YAML (see experiments/)")
@@ -191,6 +203,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Checked before importing the commands, which load torch and take seconds.
         if args.command in ("policy", "apply"):
             _check_output_path(args.out, args.force)
+        if args.command == "export-yaml":
+            for name in ("model.yaml", "weights.pt"):
+                _check_output_path(str(Path(args.out) / name), args.force, flag=f"--out {args.out}: file")
         if args.command in ("search", "sweep"):
             _distributed_overrides(args)
             _check_search_endpoints(args)
@@ -201,6 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "evaluate": commands.run_evaluate,
             "policy": commands.run_policy,
             "apply": commands.run_apply,
+            "export-yaml": commands.run_export_yaml,
             "search": commands.run_search,
             "sweep": commands.run_sweep,
             "demo": commands.run_demo,
@@ -212,7 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("rl-pruner: interrupted\n")
         return 130
-    _emit(args, result, getattr(commands, f"report_{args.command}"))
+    _emit(args, result, getattr(commands, f"report_{args.command.replace('-', '_')}"))
     return 0
 
 

@@ -17,7 +17,7 @@ from rl_pruner.engine.pruner import Pruner
 from rl_pruner.engine.serialization import pruned_model_record, save_pruned_model
 from rl_pruner.errors import InputError
 from rl_pruner.evaluation import check_num_classes, evaluate_top1, measure_latency
-from rl_pruner.models.registry import LoadedModel, load_model
+from rl_pruner.models.registry import PRUNED_PREFIX, LoadedModel, is_detector, load_model
 from rl_pruner.policy import Policy
 
 logger = logging.getLogger(__name__)
@@ -38,10 +38,28 @@ def _check_positive(value: int | None, flag: str, allow_zero: bool = False, unit
 
 
 def _training_batches(loaded: LoadedModel, data: str, n_images: int, seed: int, batch_size: int) -> list:
+    if is_detector(loaded.architecture):
+        return _detector_image_batches(loaded, data, n_images, seed, batch_size)
     dataset = open_dataset(data, image_size=loaded.image_size, normalization=loaded.normalization)
     check_num_classes(loaded.num_classes, dataset.classes, data)
     indices = subset_indices(len(dataset), n_images, seed)
     return load_batches(dataset, indices, batch_size)
+
+
+def _is_data_yaml(data: str) -> bool:
+    return Path(data).suffix.lower() in (".yaml", ".yml")
+
+
+def _detector_image_batches(loaded: LoadedModel, data: str, n_images: int, seed: int, batch_size: int) -> list:
+    """(images, placeholder labels) batches for a detector, from a data YAML's train split or an image folder."""
+    from rl_pruner.detection.data import load_detection_batches, load_image_batches
+
+    size = loaded.input_shape[-1]
+    if _is_data_yaml(data):
+        images = [batch for batch, _ in load_detection_batches(data, "train", size, batch_size, n_images, seed)]
+    else:
+        images = load_image_batches(data, size, batch_size, n_images, seed)
+    return [(batch, torch.zeros(len(batch), dtype=torch.long)) for batch in images]
 
 
 def _stage_channels(model: nn.Module) -> dict[str, int]:
@@ -95,6 +113,7 @@ def run_inspect(args: argparse.Namespace) -> dict[str, Any]:
             for b in structure.blocks
         ],
         "classifier": structure.output_module,
+        "output_modules": list(structure.output_modules),
     }
 
 
@@ -104,7 +123,9 @@ def report_inspect(result: dict[str, Any]) -> str:
     if result["pruned"]:
         lines.append(f"pruned model; dropped blocks: {', '.join(result['dropped_blocks']) or 'none'}")
         return "\n".join(lines) + "\n"
-    lines.append(f"structure {result['fingerprint']}; classifier {result['classifier']} is never pruned")
+    outputs = result.get("output_modules") or [result["classifier"]]
+    kind = "classifier" if len(outputs) == 1 else "output modules"
+    lines.append(f"structure {result['fingerprint']}; {kind} {', '.join(outputs)} never lose output channels")
     lines.append("")
     lines.append(f"{'#':>3} {'layer':<28} {'kind':<6} {'ch':>5} {'k':>2} {'s':>2} {'MACs':>10} {'group':>6}  block")
     for layer in result["layers"]:
@@ -127,6 +148,8 @@ def run_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     _check_positive(args.batch_size, "--batch-size")
     _check_positive(args.latency_batch, "--latency-batch")
     loaded = _load(args)
+    if is_detector(loaded.architecture):
+        return _evaluate_detector(args, loaded)
     dataset = open_dataset(args.data, image_size=loaded.image_size, normalization=loaded.normalization,
                            split="test", seed=args.seed)
     check_num_classes(loaded.num_classes, dataset.classes, args.data)
@@ -150,12 +173,47 @@ def run_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _evaluate_detector(args: argparse.Namespace, loaded: LoadedModel) -> dict[str, Any]:
+    """mAP of a detector on the ``val`` split of a YOLO-format data YAML, with MACs, params and latency."""
+    from rl_pruner.detection.data import load_detection_batches
+    from rl_pruner.detection.reward import DetectionMAPReward
+
+    if not _is_data_yaml(args.data):
+        raise InputError(
+            f"--data {args.data}: a detector is evaluated on labelled images; pass the data YAML of a "
+            "YOLO-format set (its 'val' split is read)"
+        )
+    from rl_pruner.search import check_detector_classes
+
+    check_detector_classes(loaded, args.data, "--data")
+    batches = load_detection_batches(args.data, "val", loaded.input_shape[-1], args.batch_size, args.limit, args.seed)
+    scores = DetectionMAPReward(batches).evaluate(loaded.model)
+    latency = measure_latency(
+        loaded.model, loaded.input_shape, batch_size=args.latency_batch, warmup=3, repeats=10
+    )
+    return {
+        "model": args.model,
+        "data": str(args.data),
+        "images": sum(len(images) for images, _ in batches),
+        "map50": scores["map50"],
+        "map50_95": scores["map50_95"],
+        "macs": count_macs(loaded.model, loaded.input_shape),
+        "params": count_params(loaded.model),
+        "latency": dict(latency),
+        "latency_batch": args.latency_batch,
+    }
+
+
 def report_evaluate(result: dict[str, Any]) -> str:
     latency = result["latency"]
+    if "top1" in result:
+        accuracy = f"top-1   {result['top1']:.2f} %\n"
+    else:
+        accuracy = f"mAP@0.5 {result['map50']:.4f}\nmAP@0.5:0.95 {result['map50_95']:.4f}\n"
     return (
         f"model   {result['model']}\n"
         f"data    {result['data']} ({result['images']:,} images)\n"
-        f"top-1   {result['top1']:.2f} %\n"
+        f"{accuracy}"
         f"MACs    {_human(result['macs'])} ({result['macs']:,})\n"
         f"params  {_human(result['params'])} ({result['params']:,})\n"
         f"latency {latency['median_ms']:.2f} ms median at batch {result['latency_batch']} "
@@ -208,7 +266,17 @@ def read_policy(location: str, tracking_uri: str | None) -> Policy:
 def run_apply(args: argparse.Namespace) -> dict[str, Any]:
     _check_positive(args.bn_images, "--bn-images", allow_zero=True)
     _check_positive(args.calibration_images, "--calibration-images")
+    if args.checkpoint is not None and args.random_init:
+        raise InputError("--random-init prunes the model as built, so it cannot be combined with --checkpoint; drop one")
+    if args.checkpoint is None and not args.random_init and not args.model.startswith(PRUNED_PREFIX):
+        raise InputError(
+            f"apply needs the dense weights of {args.model}: pass --checkpoint PATH "
+            "(or --random-init to prune the untrained model as built)"
+        )
     policy = read_policy(args.policy, args.tracking_uri)
+    if args.input_size is None and len(policy.input_shape) == 3 and not args.model.startswith(PRUNED_PREFIX):
+        # A policy is made for one input size (it is part of the structure fingerprint).
+        args.input_size = policy.input_shape[-1]
     loaded = _load(args)
     calibration = None
     if args.data is not None and policy.criterion in ("apoz", "taylor"):
@@ -274,6 +342,44 @@ def report_apply(result: dict[str, Any]) -> str:
 
 
 # search
+
+# export-yaml
+
+def run_export_yaml(args: argparse.Namespace) -> dict[str, Any]:
+    """Write a pruned YOLOv7 as ``model.yaml`` plus ``weights.pt`` (a plain state_dict) in ``--out``."""
+    import yaml
+
+    from rl_pruner.engine.serialization import atomic_write
+    from rl_pruner.models.yolov7 import YOLOv7, export_yolov7
+
+    if not args.model.startswith(PRUNED_PREFIX):
+        raise InputError(f"--model {args.model}: export-yaml reads a pruned model; pass pruned:PATH from 'rl-pruner apply'")
+    loaded = load_model(args.model)
+    config_text = loaded.pruned.get("model_config") if loaded.pruned else None
+    if not isinstance(loaded.model, YOLOv7) or not config_text:
+        raise InputError(f"--model {args.model} is not a pruned YOLOv7 (architecture {loaded.architecture}); "
+                         "only YOLOv7 models have a model YAML to write")
+    yaml_text, state_dict = export_yolov7(loaded.model, config_text)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "weights.pt", lambda path: torch.save(state_dict, path))
+    atomic_write(out / "model.yaml", lambda path: Path(path).write_text(yaml_text, encoding="utf-8"))
+    return {
+        "model": args.model,
+        "yaml": str(out / "model.yaml"),
+        "weights": str(out / "weights.pt"),
+        "input_size": loaded.input_shape[-1],
+        "layers": sum(len(yaml.safe_load(yaml_text)[part]) for part in ("backbone", "head")),
+    }
+
+
+def report_export_yaml(result: dict[str, Any]) -> str:
+    return (
+        f"wrote {result['yaml']} ({result['layers']} layers) and {result['weights']}\n"
+        f"load them with --model yolov7:{result['yaml']} --checkpoint {result['weights']} "
+        f"--input-size {result['input_size']}\n"
+    )
+
 
 def _mlflow_command() -> str:
     """Return the mlflow executable beside this Python, so a printed command works without an activated venv."""
@@ -343,8 +449,11 @@ def report_search(result: dict[str, Any]) -> str:
         lines.append(f"baseline {name:<12} reward {record['reward']:.4f} at {record['macs_ratio']:.3f} of dense MACs")
     for name, top1 in result.get("test_top1", {}).items():
         lines.append(f"test top-1 {name:<12} {top1:.2f} %")
+    for metric in ("map50", "map50_95"):
+        for name, value in result.get(f"test_{metric}", {}).items():
+            lines.append(f"test {metric} {name:<12} {value:.4f}")
     if "best_policy_artifact" in result:
-        checkpoint = f" --checkpoint {result['checkpoint']}" if result.get("checkpoint") else ""
+        checkpoint = f" --checkpoint {result['checkpoint']}" if result.get("checkpoint") else " --random-init"
         lines.append("")
         lines.append(f"apply it: rl-pruner apply --model {result['model']}{checkpoint} "
                      f"--policy {result['best_policy_artifact']} --tracking-uri {result['tracking_uri']} "

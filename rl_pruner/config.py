@@ -78,6 +78,34 @@ class PPOConfig:
     net_arch: list[int] = field(default_factory=lambda: [64, 64])
 
 
+REWARD_METRICS = ("top1", "map50", "map50_95", "fidelity_map50", "fidelity_map50_95")
+DETECTION_METRICS = REWARD_METRICS[1:]
+
+
+@dataclass
+class RewardConfig:
+    """What the reward of a policy measures.
+
+    :param metric: ``top1`` for classifiers (top-1 on the reward images); for detectors
+        ``map50`` or ``map50_95`` (box mAP after NMS on a YOLO-format labelled set:
+        ``data`` is its data YAML) or ``fidelity_map50`` / ``fidelity_map50_95`` (the
+        same mAP with the dense model's detections as ground truth, on unlabelled
+        images: ``data`` is a folder of images).
+    :param conf_threshold: For the fidelity metrics, the confidence a dense detection
+        needs to count as ground truth, in [0, 1]; 0 keeps the best ``max_ground_truths``
+        per image, which an untrained detector needs.
+    :param iou_threshold: IoU above which NMS removes the lower-scoring of two boxes of
+        one class, in [0, 1].
+    :param max_ground_truths: For the fidelity metrics, the most dense detections kept
+        per image as ground truth, >= 1.
+    """
+
+    metric: str = "top1"
+    conf_threshold: float = 0.25
+    iou_threshold: float = 0.65
+    max_ground_truths: int = 100
+
+
 @dataclass
 class TrackingConfig:
     """MLflow tracking settings of a search.
@@ -179,11 +207,15 @@ class SearchConfig:
     :param calibration_images: Training images for the data-dependent criteria ``apoz``
         and ``taylor``, >= 0, and >= 1 when one of them is the criterion.
     :param batch_size: Images per forward pass when scoring, >= 1.
+    :param input_size: Side in pixels of the square model input, or None for the
+        model's own (32 for CIFAR ResNets, 224 for torchvision models, 640 for YOLOv7;
+        YOLOv7 sizes must be multiples of 32). Detector images are letterboxed to it.
     :param episodes: Episodes of the search, >= 1. One episode builds one policy.
     :param seed: Seed of the data splits, the agent and the environment, >= 0.
     :param baselines: Policies to compare against, any of ``uniform``, ``global_l1`` and
         ``global_lamp``, each at most once.
     :param output_dir: Directory for policies, logs and the saved configuration.
+    :param reward: What the reward measures (top-1, or an mAP for detectors).
     :param ppo: PPO hyper-parameters.
     :param tracking: MLflow settings.
     :param distributed: Where episodes run (in process or on Ray workers).
@@ -204,10 +236,12 @@ class SearchConfig:
     bn_images: int = 1000
     calibration_images: int = 512
     batch_size: int = 500
+    input_size: int | None = None
     episodes: int = 300
     seed: int = 0
     baselines: list[str] = field(default_factory=lambda: list(BASELINES))
     output_dir: str = "runs"
+    reward: RewardConfig = field(default_factory=RewardConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
@@ -458,6 +492,10 @@ _RULES: dict[str, _Rule] = {
     "bn_images": _at_least(0, "1000"),
     "calibration_images": _at_least(0, "512"),
     "batch_size": _at_least(1, "500"),
+    "input_size": _at_least(8, "640"),
+    "reward.conf_threshold": _UNIT_INTERVAL,
+    "reward.iou_threshold": _UNIT_INTERVAL,
+    "reward.max_ground_truths": _at_least(1, "100"),
     "episodes": _at_least(1, "300"),
     "seed": _at_least(0, "0"),
     "output_dir": _not_empty("runs"),
@@ -570,6 +608,37 @@ def _check_choices(config: SearchConfig, origin: _Origin) -> None:
             f"{origin.where('distributed.workers')}: 'distributed.workers' is {config.distributed.workers} but only "
             f"ppo.episodes_per_update = {config.ppo.episodes_per_update} episodes run at once; lower the workers "
             f"or raise ppo.episodes_per_update; {origin.fix('distributed.workers', str(config.ppo.episodes_per_update))}"
+        )
+    if config.reward.metric not in REWARD_METRICS:
+        raise ConfigError(
+            f"{origin.where('reward.metric')}: 'reward.metric' is {config.reward.metric!r}"
+            f"{_closest(config.reward.metric, REWARD_METRICS)}; choose one of {', '.join(REWARD_METRICS)}; "
+            f"{origin.fix('reward.metric', 'top1')}"
+        )
+    detector = config.model.startswith("yolov7:")
+    if detector and config.input_size is not None and config.input_size % 32:
+        nearest = max(32, 32 * round(config.input_size / 32))
+        raise ConfigError(
+            f"{origin.where('input_size')}: 'input_size' is {config.input_size}; a YOLOv7 input side must be a "
+            f"multiple of 32 pixels; {origin.fix('input_size', str(nearest))}"
+        )
+    native = config.model == "digits_cnn" or config.model.startswith("cifar_resnet")
+    if native and config.input_size is not None:
+        raise ConfigError(
+            f"{origin.where('input_size')}: 'input_size' is {config.input_size}, but {config.model} reads its images "
+            f"at their native size; remove input_size"
+        )
+    if config.model.startswith("pruned:"):
+        raise ConfigError(
+            f"{origin.where('model')}: 'model' is {config.model!r}, a model that is already pruned; search the "
+            f"dense model with its checkpoint; {origin.fix('model', 'cifar_resnet56')}"
+        )
+    if detector != (config.reward.metric in DETECTION_METRICS):
+        wanted = "a detection metric (map50, map50_95, fidelity_map50 or fidelity_map50_95)" if detector else "top1"
+        raise ConfigError(
+            f"{origin.where('reward.metric')}: 'reward.metric' is {config.reward.metric!r} but model "
+            f"{config.model!r} is a {'detector' if detector else 'classifier'}, which needs {wanted}; "
+            f"{origin.fix('reward.metric', 'fidelity_map50' if detector else 'top1')}"
         )
     if config.criterion not in CRITERIA:
         raise ConfigError(

@@ -43,11 +43,11 @@ from rl_pruner.engine.batchnorm import reestimate_batchnorm
 from rl_pruner.engine.importance import DATA_CRITERIA
 from rl_pruner.engine.pruner import Pruner
 from rl_pruner.envs.pruning_env import EpisodeResult, PruningEnv
-from rl_pruner.errors import ConfigError
+from rl_pruner.errors import ConfigError, DataError
 from rl_pruner.evaluation import check_num_classes, evaluate_top1
-from rl_pruner.models.registry import DEMO_NAME, LoadedModel, load_model
+from rl_pruner.models.registry import DEMO_NAME, LoadedModel, is_detector, load_model
 from rl_pruner.policy import Policy
-from rl_pruner.reward import TopOneReward
+from rl_pruner.reward import RewardEvaluator, TopOneReward
 from rl_pruner.tracking import PARENT_RUN_TAG, SearchTracker, check_tracking_uri
 
 logger = logging.getLogger(__name__)
@@ -58,13 +58,18 @@ STATE_DIR = "state"
 
 @dataclass
 class SearchData:
-    """The dense model and the cached batches one search uses."""
+    """The dense model, its reward evaluator and the cached batches one search uses.
+
+    For a detector, ``bn_batches`` and ``calibration_batches`` hold (images, targets)
+    pairs whose targets are not read, and ``test_batches`` feed ``test_reward``.
+    """
 
     loaded: LoadedModel
-    reward_batches: list
+    reward: RewardEvaluator
     bn_batches: list
     calibration_batches: list | None
     test_batches: list | None
+    test_reward: RewardEvaluator | None = None
 
 
 @dataclass
@@ -132,7 +137,10 @@ def prepare_data(config: SearchConfig) -> SearchData:
     """
     if config.model == DEMO_NAME and config.checkpoint is None:
         config.checkpoint = _train_demo_checkpoint(config)
-    loaded = load_model(config.model, config.checkpoint, trust_pickle=config.trust_pickle)
+    loaded = load_model(config.model, config.checkpoint, trust_pickle=config.trust_pickle,
+                        input_size=config.input_size)
+    if is_detector(loaded.architecture):
+        return _prepare_detection_data(config, loaded)
     train = _dataset(config.data, loaded, "train", config.seed)
     check_num_classes(loaded.num_classes, train.classes, config.data)
     needs_calibration = config.criterion in DATA_CRITERIA
@@ -149,7 +157,85 @@ def prepare_data(config: SearchConfig) -> SearchData:
         test = _dataset(config.test_data, loaded, "test", config.seed)
         check_num_classes(loaded.num_classes, test.classes, config.test_data)
         test_batches = load_batches(test, None, config.batch_size)
-    return SearchData(loaded, reward_batches, bn_batches, calibration, test_batches)
+    return SearchData(loaded, TopOneReward(reward_batches), bn_batches, calibration, test_batches)
+
+
+def _prepare_detection_data(config: SearchConfig, loaded: LoadedModel) -> SearchData:
+    """Read a detector's reward, batch-norm and calibration images once, in disjoint splits.
+
+    ``data`` is a folder of images for the fidelity metrics and a YOLO-format data YAML
+    (its ``train`` split) for the labelled ones; ``test_data`` is a data YAML whose
+    ``val`` split scores the best policy.
+    """
+    from rl_pruner.detection.data import load_detection_batches, load_image_batches
+    from rl_pruner.detection.reward import DetectionMAPReward, FidelityReward
+
+    size = loaded.input_shape[-1]
+    for key in ("data", "test_data"):
+        path = getattr(config, key)
+        if path is not None and (key == "test_data" or not config.reward.metric.startswith("fidelity_")):
+            check_detector_classes(loaded, path, key)
+    settings = config.reward
+    fidelity = settings.metric.startswith("fidelity_")
+    sizes = [config.reward_images, config.bn_images]
+    if config.criterion in DATA_CRITERIA:
+        sizes.append(config.calibration_images)
+    total = sum(sizes)
+    if fidelity:
+        items = [(images, [torch.zeros(0, 5)]) for images in
+                 load_image_batches(config.data, size, 1, limit=total, seed=config.seed)]
+    else:
+        items = load_detection_batches(config.data, "train", size, 1, limit=total, seed=config.seed)
+    if len(items) < total:
+        raise ConfigError(
+            f"data {config.data} holds {len(items)} images, but reward_images + bn_images"
+            f"{' + calibration_images' if len(sizes) == 3 else ''} = {total}; lower them or add images"
+        )
+    splits = split_indices(len(items), sizes, config.seed)
+    reward_items = _rebatch([items[i] for i in splits[0]], config.batch_size)
+    bn_batches = _without_targets(_rebatch([items[i] for i in splits[1]], config.batch_size))
+    calibration = None
+    if len(sizes) == 3:
+        calibration = _without_targets(_rebatch([items[i] for i in splits[2]], config.batch_size))
+    reward: RewardEvaluator
+    if fidelity:
+        reward = FidelityReward(loaded.model, [images for images, _ in reward_items], metric=settings.metric,
+                                conf_threshold=settings.conf_threshold, iou_threshold=settings.iou_threshold,
+                                max_ground_truths=settings.max_ground_truths)
+    else:
+        reward = DetectionMAPReward(reward_items, metric=settings.metric, iou_threshold=settings.iou_threshold)
+    test_batches, test_reward = None, None
+    if config.test_data:
+        test_batches = load_detection_batches(config.test_data, "val", size, config.batch_size)
+        metric = settings.metric.removeprefix("fidelity_")
+        test_reward = DetectionMAPReward(test_batches, metric=metric, iou_threshold=settings.iou_threshold)
+    return SearchData(loaded, reward, bn_batches, calibration, test_batches, test_reward)
+
+
+def check_detector_classes(loaded: LoadedModel, data_yaml: str, what: str) -> None:
+    """Raise DataError unless the data YAML names as many classes as the detector predicts."""
+    from rl_pruner.detection.data import class_names
+
+    names = class_names(data_yaml)
+    if len(names) != loaded.num_classes:
+        raise DataError(
+            f"{what} {data_yaml} names {len(names)} classes but {loaded.architecture} predicts "
+            f"{loaded.num_classes}; use the data YAML the detector was trained on, or a model YAML with nc: {len(names)}"
+        )
+
+
+def _rebatch(items: list[tuple[torch.Tensor, list[torch.Tensor]]], batch_size: int) -> list:
+    """Join one-image (images, targets) pairs into batches of ``batch_size``."""
+    batches = []
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        batches.append((torch.cat([images for images, _ in chunk]), [t for _, targets in chunk for t in targets]))
+    return batches
+
+
+def _without_targets(batches: list) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(images, placeholder labels) pairs, the form batch-norm re-estimation and the criteria read."""
+    return [(images, torch.zeros(len(images), dtype=torch.long)) for images, _ in batches]
 
 
 def _env_kwargs(config: SearchConfig) -> dict[str, Any]:
@@ -160,13 +246,13 @@ def _env_kwargs(config: SearchConfig) -> dict[str, Any]:
 def build_env(config: SearchConfig, data: SearchData, pruner: Pruner | None = None) -> PruningEnv:
     """Build one pruning environment for ``config``, on a new :class:`Pruner` unless one is given."""
     pruner = pruner or Pruner(data.loaded, data.calibration_batches)
-    return PruningEnv(pruner, TopOneReward(data.reward_batches), bn_batches=data.bn_batches, **_env_kwargs(config))
+    return PruningEnv(pruner, data.reward, bn_batches=data.bn_batches, **_env_kwargs(config))
 
 
 def build_vec_env(config: SearchConfig, data: SearchData, pruner: Pruner) -> LocalVecEnv | RayVecEnv:
     """``ppo.episodes_per_update`` sub-environments, in process or on ``distributed.workers``
     Ray workers (then inside :func:`~rl_pruner.distributed.cluster.ray_cluster`)."""
-    spec = EnvSpec(data.loaded, TopOneReward(data.reward_batches), list(data.bn_batches),
+    spec = EnvSpec(data.loaded, data.reward, list(data.bn_batches),
                    {config.criterion: pruner.scores(config.criterion)}, _env_kwargs(config))
     n_envs = config.ppo.episodes_per_update
     settings = config.distributed
@@ -179,9 +265,12 @@ def build_vec_env(config: SearchConfig, data: SearchData, pruner: Pruner) -> Loc
                      max_replacements=settings.max_worker_replacements)
 
 
-def _test_top1(pruner: Pruner, policy: Policy, data: SearchData) -> float:
+def _test_score(pruner: Pruner, policy: Policy, data: SearchData) -> float:
+    """Top-1 (percent) of a classifier, or the mAP (fraction) of a detector, on the test data."""
     pruned = pruner.apply(policy)
     reestimate_batchnorm(pruned, data.bn_batches)
+    if data.test_reward is not None:
+        return data.test_reward.evaluate(pruned)[data.test_reward.metric]
     return evaluate_top1(pruned, data.test_batches or [], disable_progress=True)
 
 
@@ -337,11 +426,12 @@ class Search:
             self.tracker.log_figure(figure, path)
 
         if self.data.test_batches and evaluate_test:
-            test_scores = {"best": _test_top1(self.pruner, best, self.data)}
+            metric = self.data.test_reward.metric if self.data.test_reward is not None else "top1"
+            test_scores = {"best": _test_score(self.pruner, best, self.data)}
             for name, record in self.state.baselines.items():
-                test_scores[name] = _test_top1(self.pruner, Policy.from_dict(record["policy"]), self.data)
-            self.tracker.log_metrics({f"test/{name}/top1": value for name, value in test_scores.items()})
-            summary["test_top1"] = test_scores
+                test_scores[name] = _test_score(self.pruner, Policy.from_dict(record["policy"]), self.data)
+            self.tracker.log_metrics({f"test/{name}/{metric}": value for name, value in test_scores.items()})
+            summary[f"test_{metric}"] = test_scores
         return summary
 
 

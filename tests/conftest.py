@@ -1,14 +1,18 @@
-"""Fixtures shared by the test modules: paths into the reference data directory."""
+"""Fixtures shared by the test modules: paths into the reference data directory, the
+YOLOv7 reference configurations and photographs."""
 
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 if TYPE_CHECKING:
+    import torch
+
     from rl_pruner.engine.pruner import Pruner
 
 # No test may reach outside hosts: MLflow 3's usage telemetry is off for every test.
@@ -31,6 +35,49 @@ def shared_data() -> Path:
     return _require(Path(configured) if configured else DEFAULT_SHARED_DATA)
 
 
+@pytest.fixture(scope="module")
+def two_torch_threads() -> Iterator[None]:
+    """Run a module's forward passes on two CPU threads, restoring the count afterwards.
+
+    Modules that run large models use it with ``pytestmark = pytest.mark.usefixtures(...)``.
+    """
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def yolov7_dir(shared_data: Path) -> Path:
+    """The folder of the official YOLOv7 configurations and the two reference photographs."""
+    path = shared_data / "yolov7"
+    if not all((path / name).exists() for name in ("yolov7.yaml", "yolov7-tiny.yaml")):
+        pytest.skip(f"YOLOv7 reference configurations not found in {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def yolov7_images(yolov7_dir: Path) -> Callable[[int], torch.Tensor]:
+    """A function of the side in pixels that returns the reference photographs, resized
+    (not letterboxed) to that square, as one batch in [0, 1]."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    def load(size: int) -> torch.Tensor:
+        tensors = []
+        for path in sorted(yolov7_dir.glob("*.jpg")):
+            image = Image.open(path).convert("RGB").resize((size, size))
+            tensors.append(torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 255.0)
+        if not tensors:
+            pytest.skip(f"no reference images in {yolov7_dir}")
+        return torch.stack(tensors)
+
+    return load
+
+
 @pytest.fixture(scope="session")
 def cifar_test_archive(shared_data: Path) -> Path:
     """CIFAR-10 test split as JPEGs: 10,000 images, 1,000 per class."""
@@ -44,7 +91,7 @@ def cifar_train_archive(shared_data: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def resnet56(shared_data: Path) -> "Pruner":
+def resnet56(shared_data: Path) -> Pruner:
     """The trained CIFAR-10 ResNet-56, traced once for the whole test session."""
     from rl_pruner.engine.pruner import Pruner
     from rl_pruner.models.registry import load_model
@@ -53,7 +100,7 @@ def resnet56(shared_data: Path) -> "Pruner":
 
 
 @pytest.fixture(scope="session")
-def resnet50() -> "Pruner":
+def resnet50() -> Pruner:
     """torchvision's ResNet-50 with random weights, traced once for the whole test session."""
     from rl_pruner.engine.pruner import Pruner
     from rl_pruner.models.registry import load_model

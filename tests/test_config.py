@@ -47,7 +47,10 @@ def test_experiment_files_present() -> None:
 @pytest.mark.parametrize("path", EXPERIMENT_FILES, ids=lambda path: path.name)
 def test_experiment_header_says_how_to_run(path: Path) -> None:
     text = path.read_text()
-    command = "sweep" if "\nsweep:" in text else "search"
+    if "\nsweep:" in text:
+        command = "sweep"
+    else:
+        command = "search"
     assert text.startswith("#")
     assert f"rl-pruner {command} experiments/{path.name}" in text
 
@@ -86,6 +89,48 @@ def test_resnet50_placeholder_paths_rejected(monkeypatch: pytest.MonkeyPatch) ->
     with pytest.raises(ConfigError, match=r"checkpoint /path/to/resnet50\.pth not found") as caught:
         load_config("experiments/resnet50-imagenet.yaml")
     assert "--set checkpoint=PATH" in str(caught.value)
+
+
+def test_yolov7_tiny_experiment_loads(shared_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(REPO_ROOT)
+    overrides: tuple[str, ...] = ()
+    if not (REPO_ROOT.parent / "shared" / "data").is_dir():
+        overrides = (f"model=yolov7:{shared_data / 'yolov7' / 'yolov7-tiny.yaml'}", f"data={shared_data / 'yolov7'}")
+    config = load_config("experiments/yolov7-tiny-fidelity.yaml", overrides)
+    assert config.model.startswith("yolov7:")
+    assert config.reward.metric == "fidelity_map50"
+    assert config.reward.conf_threshold == 0.0
+    assert (config.reward_images, config.bn_images, config.input_size) == (2, 0, 320)
+
+
+def test_yolov7_placeholder_paths_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(REPO_ROOT)
+    with pytest.raises(ConfigError, match=r"checkpoint /path/to/yolov7-weights\.pt not found"):
+        load_config("experiments/yolov7-coco.yaml")
+
+
+@pytest.mark.parametrize(("model", "metric", "expected"), [
+    ("digits_cnn", "map50", "classifier"),
+    ("yolov7:model.yaml", "top1", "detector"),
+    ("digits_cnn", "accuracy", "choose one of top1"),
+])
+def test_reward_metric_must_fit_the_model(tmp_path: Path, model: str, metric: str, expected: str) -> None:
+    text = f"model: {model}\ndata: builtin:digits\nreward:\n  metric: {metric}\n"
+    with pytest.raises(ConfigError, match="reward.metric") as caught:
+        load_text(tmp_path, text)
+    assert expected in str(caught.value)
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("model: yolov7:model.yaml\ndata: builtin:digits\ninput_size: 100\nreward:\n  metric: map50\n",
+     "multiple of 32 pixels; fix 'input_size'"),
+    ("model: cifar_resnet20\ndata: builtin:digits\ninput_size: 64\n", "native size; remove input_size"),
+    ("model: pruned:model.pt\ndata: builtin:digits\n", "already pruned"),
+])
+def test_input_size_and_model_checked(tmp_path: Path, text: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_text(tmp_path, text)
+    assert expected in str(caught.value)
 
 
 # Round trips and flattening

@@ -48,6 +48,21 @@ def test_missed_object() -> None:
     assert result.map_50_95 == pytest.approx(51 / 101)
 
 
+@pytest.mark.parametrize("max_detections", [1, 10, 300])
+def test_detection_cap_other_than_coco_default(max_detections: int) -> None:
+    """Both means honour the cap: the best box of each image counts, a second one only above a cap of 1."""
+    truth = [torch.tensor([[0.0, 0.0, 10.0, 10.0, 0.0], [20.0, 20.0, 30.0, 30.0, 0.0]])]
+    predictions = [torch.tensor([[0.0, 0.0, 10.0, 10.0, 0.9, 0.0], [20.0, 20.0, 30.0, 30.0, 0.8, 0.0]])]
+
+    result = BoxMAPEvaluator(max_detections=max_detections)
+    result.update(predictions, truth)
+    scores = result.compute()
+
+    expected = 51 / 101 if max_detections == 1 else 1.0
+    assert scores.map_50 == pytest.approx(expected)
+    assert scores.map_50_95 == pytest.approx(expected)
+
+
 def test_false_positive_ranked_first() -> None:
     # One object. Sorted by score: a false positive (0.9, no overlap), then the exact
     # box (0.8). Precision/recall after each: (0/1, 0), then (1/2, 1). The interpolated

@@ -10,15 +10,17 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from rl_pruner.engine.apply import apply_policy
 from rl_pruner.engine.batchnorm import reestimate_batchnorm
 from rl_pruner.engine.estimate import estimate_cost, kept_channels_for_ratio
 from rl_pruner.engine.macs import count_macs, count_params
 from rl_pruner.engine.pruner import Pruner
 from rl_pruner.engine.serialization import load_pruned_model, pruned_model_record, save_pruned_model
 from rl_pruner.engine.shortcut_pruner import CUSTOMIZED_PRUNERS, ZeroPadShortcutPruner
+from rl_pruner.engine.structure import analyze_model
 from rl_pruner.models.cifar_resnet import CIFAR_DEPTHS, ZeroPadShortcut
 from rl_pruner.models.registry import load_model
-from rl_pruner.policy import CRITERIA
+from rl_pruner.policy import CRITERIA, Policy
 
 torch.manual_seed(0)
 
@@ -115,6 +117,38 @@ def test_block_internal_pruning_equals_masking(resnet56: Pruner) -> None:
         bn.bias[removed] = 0
     x = torch.randn(4, 3, 32, 32)
     assert torch.allclose(pruned(x), masked.eval()(x), atol=1e-5)
+
+
+class _ConcatInOrder(nn.Module):
+    """Two branches concatenated in network order, then one output convolution."""
+
+    rl_pruner_output_modules = ("head",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Conv2d(3, 16, 1)
+        self.second = nn.Conv2d(3, 16, 1)
+        self.head = nn.Conv2d(32, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.cat([self.first(x), self.second(x)], dim=1))
+
+
+def test_pruning_both_inputs_of_a_concatenation_keeps_the_right_slices() -> None:
+    """Each branch's removed channels leave the consumer's matching input slice, whatever the order."""
+    model = _ConcatInOrder().eval()
+    structure = analyze_model(model, (3, 8, 8), architecture="concat")
+    policy = Policy("concat", structure.fingerprint, (3, 8, 8), {"first": 0.5, "second": 0.5}, round_to=1)
+    # Ascending scores drop the first branch's channels 0-7, descending ones the second's 8-15.
+    scores = {"first": torch.arange(16.0), "second": -torch.arange(16.0)}
+    pruned = apply_policy(model, structure, policy, scores)
+
+    x = torch.randn(2, 3, 8, 8)
+    kept = torch.cat([model.first(x)[:, 8:], model.second(x)[:, :8]], dim=1)
+    weight = model.head.weight[:, [*range(8, 16), *range(16, 24)]]
+    expected = nn.functional.conv2d(kept, weight, model.head.bias)
+    assert pruned.head.in_channels == 16
+    assert torch.allclose(pruned(x), expected, atol=1e-6)
 
 
 def test_zero_policy_is_bit_identical(resnet56: Pruner) -> None:

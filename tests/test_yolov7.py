@@ -50,14 +50,6 @@ def single_thread() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def yolov7_dir(shared_data: Path) -> Path:
-    path = shared_data / "yolov7"
-    if not (path / "yolov7.yaml").exists():
-        pytest.skip(f"YOLOv7 reference configurations not found in {path}")
-    return path
-
-
-@pytest.fixture(scope="module")
 def tiny(yolov7_dir: Path) -> YOLOv7:
     torch.manual_seed(0)
     return build_yolov7(yolov7_dir / "yolov7-tiny.yaml").eval()

@@ -2,21 +2,18 @@
 
 The model attribute ``rl_pruner_output_modules`` names the head's per-level output
 convolutions, so they keep their width. The implicit layers of the head are pruned with
-the channels they carry. The ``taylor`` criterion is not covered: its
-calibration loss is a classification cross-entropy, which a detector's output does not
-fit (a detection loss in :mod:`rl_pruner.engine.importance` would lift this).
+the channels they carry. Every criterion on yolov7.yaml, ``taylor`` included, is
+tested in ``test_yolov7_criteria.py``.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from torch import nn
 
 from rl_pruner.data import Normalization
@@ -47,34 +44,12 @@ def build_configured_yolov7() -> YOLOv7:
     return build_yolov7(os.environ[CONFIG_ENV_VAR])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def two_threads() -> Iterator[None]:
-    """Run this module's forward passes on two CPU threads, restoring the count afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(previous)
-
+pytestmark = pytest.mark.usefixtures("two_torch_threads")
 
 @pytest.fixture(scope="module")
-def yolov7_dir(shared_data: Path) -> Path:
-    path = shared_data / "yolov7"
-    if not (path / "yolov7.yaml").exists():
-        pytest.skip(f"YOLOv7 reference configurations not found in {path}")
-    return path
-
-
-@pytest.fixture(scope="module")
-def images(yolov7_dir: Path) -> torch.Tensor:
-    """The reference images, resized to the test input size, as one batch in [0, 1]."""
-    tensors = []
-    for path in sorted(yolov7_dir.glob("*.jpg")):
-        image = Image.open(path).convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE))
-        tensors.append(torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 255.0)
-    if not tensors:
-        pytest.skip(f"no reference images in {yolov7_dir}")
-    return torch.stack(tensors)
-
+def images(yolov7_images: Callable[[int], torch.Tensor]) -> torch.Tensor:
+    """The reference photographs at the test input size."""
+    return yolov7_images(IMAGE_SIZE)
 
 def _pruner(
     yolov7_dir: Path, name: str, calibration: torch.Tensor | None = None, architecture: str | None = None

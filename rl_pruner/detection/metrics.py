@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from rl_pruner.errors import InputError, RLPrunerError
@@ -111,14 +112,24 @@ class BoxMAPEvaluator:
             ground_truth.createIndex()
             detections = ground_truth.loadRes(_detection_records(self._predictions))
             evaluation = cocoeval_module.COCOeval(ground_truth, detections, iouType="bbox")
-            evaluation.params.maxDets = [1, 10, self.max_detections]
+            # pycocotools expects the caps in ascending order and matches with the last.
+            caps = sorted({1, 10, self.max_detections})
+            evaluation.params.maxDets = caps
             evaluation.evaluate()
             evaluation.accumulate()
-            evaluation.summarize()
         logger.debug("pycocotools output:\n%s", captured.getvalue())
-        # stats[0]: AP at IoU 0.50:0.95, stats[1]: AP at IoU 0.50, both for all areas
-        # and maxDets[2] detections per image.
-        return float(evaluation.stats[1]), float(evaluation.stats[0])
+        # COCOeval.summarize() computes its headline AP with 100 detections per image
+        # whatever maxDets says (pycocotools 2.0.11), so the means are taken here from
+        # the precision table: IoU thresholds x recall points x classes x areas x caps,
+        # with -1 where a class has no ground truth. Area 0 is "all".
+        precision = evaluation.eval["precision"][:, :, :, 0, caps.index(self.max_detections)]
+        at_50 = precision[int(np.argmin(np.abs(evaluation.params.iouThrs - 0.5)))]
+        return _mean_of_valid(at_50), _mean_of_valid(precision)
+
+
+def _mean_of_valid(precision: np.ndarray) -> float:
+    valid = precision[precision > -1]
+    return float(valid.mean()) if valid.size else 0.0
 
 
 def box_map(

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from rl_pruner.engine.estimate import pruned_counts
-from rl_pruner.engine.structure import ModelStructure
+from rl_pruner.engine.structure import ModelStructure, drop_blocks
 from rl_pruner.errors import PolicyError
 from rl_pruner.policy import Policy
 
@@ -53,22 +54,43 @@ def apply_policy(
 
     ``scores`` are the per-layer channel scores of :func:`compute_importance` for
     the policy's criterion. Channels are removed first, on the dense layout that the
-    structure's index maps describe; then dropped blocks become ``nn.Identity``.
-    Layers inside a dropped block are not pruned.
+    structure's index maps describe; then dropped residual blocks become ``nn.Identity``
+    and dropped depth blocks are removed by the model (:func:`drop_blocks`). Layers
+    inside a dropped block are not pruned.
     """
     validate_policy(policy, structure)
     pruned_model = copy.deepcopy(model)
     modules = dict(pruned_model.named_modules())
     dropped = set(policy.dropped_blocks)
     counts = pruned_counts(structure, policy.pruning_ratios, policy.round_to)
+    # Index maps number channels in the dense layout. A module fed by a concatenation
+    # belongs to several layers, and removing one layer's slice first would shift the
+    # later slices, so each module dimension collects its dense indices from every
+    # layer and is pruned once.
+    removals: dict[tuple[str, Callable], set[int]] = {}
     for layer, n_pruned in zip(structure.layers, counts, strict=True):
         if n_pruned == 0 or (layer.block is not None and layer.block in dropped):
             continue
         root_channels = channels_to_prune(scores[layer.name], n_pruned)
         for member in layer.members:
-            channels = sorted({c for root in root_channels for c in member.index_map[root]})
-            if channels:
-                member.handler(modules[member.module_name], channels)
-    for block in sorted(dropped):
-        pruned_model.set_submodule(block, nn.Identity())
+            channels = removals.setdefault((member.module_name, member.handler), set())
+            channels.update(c for root in root_channels for c in member.index_map[root])
+    # A dropped depth block's exit layer loses every channel in the modules outside the
+    # block that read it (a concatenation's consumer); the block's own modules go.
+    for block in structure.blocks:
+        if block.name not in dropped or block.exit_layer is None:
+            continue
+        for member in structure.layer(block.exit_layer).members:
+            if _inside(member.module_name, block.modules):
+                continue
+            channels = removals.setdefault((member.module_name, member.handler), set())
+            channels.update(c for indices in member.index_map for c in indices)
+    for (module_name, handler), channels in removals.items():
+        if channels:
+            handler(modules[module_name], sorted(channels))
+    drop_blocks(pruned_model, sorted(dropped))
     return pruned_model.eval()
+
+
+def _inside(module_name: str, block_modules: tuple[str, ...]) -> bool:
+    return any(module_name == member or module_name.startswith(member + ".") for member in block_modules)

@@ -41,7 +41,7 @@ def kept_channels(base: int, sources: tuple[tuple[int, float], ...], pruned: Seq
     """Channels of one dimension left after each source layer lost ``pruned[layer]``."""
     if pruned is None:
         return base
-    return base - int(round(sum(factor * pruned[index] for index, factor in sources)))
+    return base - round(sum(factor * pruned[index] for index, factor in sources))
 
 
 def term_cost(term: CostTerm, pruned: Sequence[int] | None) -> tuple[int, int]:

@@ -56,6 +56,12 @@ def estimate_cost(
     """(MACs, params) of the model a policy produces, without building it."""
     pruned = pruned_counts(structure, pruning_ratios, round_to)
     dropped = set(dropped_blocks)
+    layer_index = {layer.name: layer.index for layer in structure.layers}
+    for block in structure.blocks:
+        # A dropped depth block's exit channels disappear from the layers that read them.
+        if block.name in dropped and block.exit_layer is not None:
+            index = layer_index[block.exit_layer]
+            pruned[index] = structure.layers[index].channels
     macs = params = 0
     for term in structure.cost_terms:
         if term.block is not None and term.block in dropped:

@@ -11,7 +11,10 @@ Torch-Pruning's group importance, which combines all modules of a dependency gro
 - ``fpgm``: distance to the geometric median of the layer's filters.
 - ``bn_scale``: absolute batch-norm scale (network slimming).
 - ``taylor``: first-order Taylor, |weight x gradient| summed over the group, with
-  gradients of the cross-entropy on calibration batches.
+  gradients of a calibration loss summed over calibration batches. The loss is the
+  model's method ``rl_pruner_calibration_loss(images, targets)`` where it defines one
+  (a detector, whose output does not fit a classification loss), else the
+  cross-entropy of the output against the labels.
 - ``apoz``: 1 - average percentage of zeros in the layer's output activations, as
   seen at the inputs of the layers that consume it, over calibration batches.
   Torch-Pruning 1.6.1 has no APoZ criterion, so this one is implemented here.
@@ -20,7 +23,7 @@ Torch-Pruning's group importance, which combines all modules of a dependency gro
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch_pruning as tp
@@ -34,6 +37,11 @@ from rl_pruner.policy import DATA_CRITERIA, check_criterion
 logger = logging.getLogger(__name__)
 
 Batches = Sequence[tuple[torch.Tensor, torch.Tensor]]
+CalibrationLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+# Method a model may define to replace the cross-entropy of ``taylor``. It takes a
+# calibration batch (images, targets) and returns a scalar loss to differentiate.
+CALIBRATION_LOSS_METHOD = "rl_pruner_calibration_loss"
 
 
 def _torch_pruning_importance(criterion: str) -> tp.importance.Importance:
@@ -97,12 +105,44 @@ def compute_importance(
     return scores
 
 
+def _calibration_loss(model: nn.Module) -> CalibrationLoss:
+    """Return the model's own calibration loss if it defines one, else cross-entropy on its output."""
+    model_loss = getattr(model, CALIBRATION_LOSS_METHOD, None)
+    if model_loss is None:
+        cross_entropy = nn.CrossEntropyLoss()
+        return lambda images, labels: cross_entropy(model(images), labels)
+    if not callable(model_loss):
+        raise InputError(
+            f"{type(model).__name__}.{CALIBRATION_LOSS_METHOD} is not callable (type "
+            f"{type(model_loss).__name__}). Make it a method taking (images, targets) that returns a scalar loss tensor"
+        )
+    return model_loss
+
+
 def _accumulate_gradients(model: nn.Module, batches: Batches) -> None:
-    """Sum cross-entropy gradients over the batches, with batch norm in eval mode."""
+    """Sum the calibration loss's gradients over the batches, with batch norm in eval mode."""
     model.zero_grad(set_to_none=True)
-    loss_fn = nn.CrossEntropyLoss()
-    for images, labels in batches:
-        loss_fn(model(images), labels).backward()
+    loss_fn = _calibration_loss(model)
+    for images, targets in batches:
+        loss = loss_fn(images, targets)
+        _check_scalar_loss(model, loss)
+        loss.backward()
+
+
+def _check_scalar_loss(model: nn.Module, loss: object) -> None:
+    """Raise InputError unless ``loss`` is a scalar tensor that gradients can flow from."""
+    if not isinstance(loss, torch.Tensor):
+        returned = f"a {type(loss).__name__}"
+    elif loss.dim() != 0:
+        returned = f"a tensor of shape {tuple(loss.shape)}"
+    elif not loss.requires_grad:
+        returned = "a scalar tensor without gradient"
+    else:
+        return
+    raise InputError(
+        f"the taylor calibration loss of {type(model).__name__} returned {returned}, but it must return "
+        "a scalar tensor computed from the model's parameters"
+    )
 
 
 def _apoz_scores(model: nn.Module, structure: ModelStructure, batches: Batches) -> dict[str, torch.Tensor]:

@@ -8,9 +8,11 @@ it never unpickles code::
       "architecture": "cifar_resnet56",     # rebuilds the dense model
       "input_shape": [3, 32, 32], "num_classes": 10,
       "normalization": {"mean": [...], "std": [...]},
-      "dropped_blocks": ["layer1.4"],       # replaced by nn.Identity
+      "dropped_blocks": ["layer1.4"],       # removed as the policy removed them
       "modules": {"layer1.0.conv1": {"type": "Conv2d", "in_channels": 16, ...}, ...},
       "policy": {...},                      # the policy that was applied
+      "model_config": "...",                # a yolov7:PATH model's YAML text, so PATH
+                                            # need not exist where the file is loaded
       "state_dict": {...},
     }
 
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +33,10 @@ import torch
 from torch import nn
 
 from rl_pruner.data import Normalization
+from rl_pruner.engine.structure import drop_blocks
 from rl_pruner.errors import CheckpointError
-from rl_pruner.models.cifar_resnet import ZeroPadShortcut
 from rl_pruner.models.checkpoint import read_checkpoint
+from rl_pruner.models.cifar_resnet import ZeroPadShortcut
 from rl_pruner.models.yolov7.modules import ImplicitA, ImplicitM
 
 PRUNED_FORMAT = "rl-pruner-pruned-model"
@@ -65,12 +69,24 @@ def pruned_model_record(
     policy: dict[str, Any],
 ) -> dict[str, Any]:
     """Everything :func:`load_pruned_model` needs, as plain values and tensors."""
+    from rl_pruner.models.registry import YOLOV7_PREFIX
+
     modules = {}
     for name, module in model.named_modules():
         record = _module_record(module)
         if record is not None:
             modules[name] = record
+    extra = {}
+    if architecture.startswith(YOLOV7_PREFIX):
+        config_path = Path(architecture[len(YOLOV7_PREFIX):])
+        try:
+            extra["model_config"] = config_path.read_text(encoding="utf-8")
+        except OSError as err:
+            raise CheckpointError(
+                f"cannot read the model YAML {config_path} to store with the pruned model: {err.strerror or err}"
+            ) from err
     return {
+        **extra,
         "format": PRUNED_FORMAT,
         "version": PRUNED_VERSION,
         "architecture": architecture,
@@ -86,12 +102,20 @@ def pruned_model_record(
 
 def save_pruned_model(path: str | Path, record: dict[str, Any]) -> None:
     """Write ``record`` to ``path`` atomically: a crash never leaves a partial file."""
+    atomic_write(path, lambda temporary: torch.save(record, temporary))
+
+
+def atomic_write(path: str | Path, write: Callable[[str], object]) -> None:
+    """Call ``write`` on a temporary file beside ``path``, then move it into place.
+
+    A crash or an error in ``write`` leaves any existing ``path`` unchanged.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(handle)
     try:
-        torch.save(record, temporary)
+        write(temporary)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(temporary, 0o666 & ~umask)  # mkstemp creates files readable by the owner only
@@ -143,9 +167,10 @@ def load_pruned_model(path: str | Path) -> Any:
     if record.get("version") != PRUNED_VERSION:
         raise CheckpointError(f"{path} has pruned-model version {record.get('version')!r}; this rl-pruner reads {PRUNED_VERSION}")
     try:
-        model, _ = build_architecture(record["architecture"], int(record["num_classes"]))
-        for block in record["dropped_blocks"]:
-            model.set_submodule(block, nn.Identity())
+        model, _ = build_architecture(
+            record["architecture"], int(record["num_classes"]), config_text=record.get("model_config")
+        )
+        drop_blocks(model, list(record["dropped_blocks"]))
         modules = dict(model.named_modules())
         state = record["state_dict"]
         for name, module_record in record["modules"].items():

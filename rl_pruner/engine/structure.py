@@ -7,6 +7,14 @@ its first convolution or linear module in ``model.named_modules()`` order. In a 
 the convolutions that write into one residual stream form a single layer. A policy
 gives one pruning ratio (fraction of channels removed) per layer.
 
+A model may also declare *depth blocks* in the attribute ``rl_pruner_depth_blocks``:
+groups of layers that can be removed together although no single module holds them,
+such as the last step of a YOLOv7 ELAN chain. Each entry is a mapping with ``name``,
+``modules`` (the names of the modules removed) and ``exit`` (the root of the layer
+whose output the rest of the network reads: its channels vanish from every consumer
+when the block is dropped). The model then removes them itself in its method
+``rl_pruner_drop_blocks(names)``; see :func:`drop_blocks`.
+
 A model with several outputs (a detector's per-level output convolutions) names them
 in the attribute ``rl_pruner_output_modules`` (a sequence of module names); otherwise
 the output module is the leaf module whose output is the model's output. Output
@@ -66,12 +74,19 @@ class PrunableLayer:
 
 @dataclass(frozen=True)
 class RemovableBlock:
-    """A residual block whose input and output shapes match, so it can become the identity."""
+    """A part of the network that a policy may remove.
+
+    A residual block (``modules`` is its own name alone and ``exit_layer`` is None)
+    becomes the identity. A depth block declared by the model is removed by the model,
+    and the channels of ``exit_layer`` disappear from every layer that reads them.
+    """
 
     name: str
     first_layer: str | None  # first prunable layer inside the block, in network order
-    macs: int
+    macs: int  # of the modules inside; a depth block also saves part of its consumers' MACs
     params: int
+    modules: tuple[str, ...] = ()
+    exit_layer: str | None = None
 
 
 @dataclass
@@ -132,6 +147,50 @@ def is_removable_block(module: nn.Module) -> bool:
 
 
 OUTPUT_MODULES_ATTRIBUTE = "rl_pruner_output_modules"
+DEPTH_BLOCKS_ATTRIBUTE = "rl_pruner_depth_blocks"
+DROP_BLOCKS_METHOD = "rl_pruner_drop_blocks"
+
+
+def _declared_depth_blocks(model: nn.Module) -> list[tuple[str, tuple[str, ...], str]]:
+    """(name, module names, exit root) of each depth block the model declares."""
+    declared = getattr(model, DEPTH_BLOCKS_ATTRIBUTE, None)
+    if not declared:
+        return []
+    if not callable(getattr(model, DROP_BLOCKS_METHOD, None)):
+        raise InputError(
+            f"{type(model).__name__} declares {DEPTH_BLOCKS_ATTRIBUTE} but has no method "
+            f"{DROP_BLOCKS_METHOD}(names) to remove them"
+        )
+    modules = dict(model.named_modules())
+    blocks = []
+    seen: set[str] = set()
+    for entry in declared:
+        name, members, exit_root = str(entry["name"]), tuple(entry["modules"]), str(entry["exit"])
+        if name in seen or (name in modules and is_removable_block(modules[name])):
+            raise InputError(f"depth block name {name!r} of {type(model).__name__} is used twice; give each block its own name")
+        seen.add(name)
+        unknown = [m for m in (*members, exit_root) if m not in modules]
+        if unknown:
+            raise InputError(f"depth block {name!r} of {type(model).__name__} names unknown modules {unknown!r}")
+        blocks.append((name, members, exit_root))
+    return blocks
+
+
+def drop_blocks(model: nn.Module, names: Sequence[str]) -> None:
+    """Remove the named blocks from ``model`` in place.
+
+    Depth blocks that the model declares are removed by the model's
+    ``rl_pruner_drop_blocks``; any other name is a residual block, replaced by
+    ``nn.Identity``. Channel pruning of the consumers is not done here (see
+    :func:`~rl_pruner.engine.apply.apply_policy`).
+    """
+    declared = {name for name, _, _ in _declared_depth_blocks(model)}
+    depth = [name for name in names if name in declared]
+    if depth:
+        getattr(model, DROP_BLOCKS_METHOD)(depth)
+    for name in names:
+        if name not in declared:
+            model.set_submodule(name, nn.Identity())
 
 
 def _find_output_modules(model: nn.Module, example_input: torch.Tensor) -> list[str]:
@@ -210,9 +269,9 @@ def _positions_per_sample(model: nn.Module, example_input: torch.Tensor) -> dict
     return positions
 
 
-def _containing_block(module_name: str, block_names: Sequence[str]) -> str | None:
-    for block in block_names:
-        if module_name.startswith(block + "."):
+def _containing_block(module_name: str, block_modules: dict[str, tuple[str, ...]]) -> str | None:
+    for block, members in block_modules.items():
+        if any(module_name == member or module_name.startswith(member + ".") for member in members):
             return block
     return None
 
@@ -244,7 +303,10 @@ def analyze_model(
     output_modules = _find_output_modules(model, example_input)
     ignored = [modules[name] for name in [*output_modules, *ignored_layers]]
     positions = _positions_per_sample(model, example_input)
-    block_names = [name for name, module in modules.items() if name and is_removable_block(module)]
+    block_modules = {name: (name,) for name, module in modules.items() if name and is_removable_block(module)}
+    depth_blocks = _declared_depth_blocks(model)
+    block_modules.update({name: members for name, members, _ in depth_blocks})
+    exits = {exit_root: name for name, _, exit_root in depth_blocks}
 
     graph = tp.DependencyGraph().build_dependency(
         model, example_input, customized_pruners=dict(CUSTOMIZED_PRUNERS), verbose=False
@@ -278,8 +340,8 @@ def analyze_model(
             dimension = member.dimension
             factor = sum(len(m) for m in member.index_map) / n_channels
             sources.setdefault((member.module_name, dimension), []).append((index, factor))
-        member_blocks = {_containing_block(m.module_name, block_names) for m in members}
-        block = member_blocks.pop() if len(member_blocks) == 1 else None
+        member_blocks = {_containing_block(m.module_name, block_modules) for m in members}
+        block = member_blocks.pop() if len(member_blocks) == 1 else exits.get(root_name)
         is_conv = isinstance(root, nn.Conv2d)
         layers.append(PrunableLayer(
             index=index,
@@ -296,12 +358,15 @@ def analyze_model(
             members=tuple(members),
         ))
 
-    cost_terms = _cost_terms(modules, sources, positions, block_names)
+    cost_terms = _cost_terms(modules, sources, positions, block_modules)
     dense_macs = sum(term_cost(term, None)[0] for term in cost_terms)
     dense_params = sum(p.numel() for p in model.parameters())
     macs_by_module = {term.module_name: term_cost(term, None)[0] for term in cost_terms}
     layers = [_with_macs(layer, macs_by_module.get(layer.name, 0)) for layer in layers]
-    blocks = _removable_blocks(block_names, layers, cost_terms)
+    missing_exits = set(exits) - {layer.name for layer in layers}
+    if missing_exits:
+        raise InputError(f"depth block exits {sorted(missing_exits)!r} are not prunable layers of the model")
+    blocks = _removable_blocks(block_modules, exits, layers, cost_terms)
     return ModelStructure(
         architecture=architecture,
         input_shape=tuple(int(s) for s in input_shape),
@@ -352,14 +417,14 @@ def _cost_terms(
     modules: dict[str, nn.Module],
     sources: dict[tuple[str, str], list[tuple[int, float]]],
     positions: dict[str, int],
-    block_names: Sequence[str],
+    block_modules: dict[str, tuple[str, ...]],
 ) -> list[CostTerm]:
     terms = []
     for name, module in modules.items():
         params = _module_params(module)
         in_sources = tuple(sources.get((name, "in"), ()))
         out_sources = tuple(sources.get((name, "out"), ()))
-        block = _containing_block(name, block_names)
+        block = _containing_block(name, block_modules)
         if isinstance(module, nn.Conv2d):
             kind, base_in, base_out = "conv", module.in_channels, module.out_channels
             kernel_area = module.kernel_size[0] * module.kernel_size[1]
@@ -404,12 +469,19 @@ def _channelwise_size(module: nn.Module) -> int:
 
 
 def _removable_blocks(
-    block_names: Sequence[str], layers: Sequence[PrunableLayer], terms: Sequence[CostTerm]
+    block_modules: dict[str, tuple[str, ...]],
+    exits: dict[str, str],
+    layers: Sequence[PrunableLayer],
+    terms: Sequence[CostTerm],
 ) -> list[RemovableBlock]:
+    exit_of = {block: root for root, block in exits.items()}
     blocks = []
-    for name in block_names:
+    for name, members in block_modules.items():
         inside = [layer.name for layer in layers if layer.block == name]
         macs = sum(term_cost(t, None)[0] for t in terms if t.block == name)
         params = sum(term_cost(t, None)[1] for t in terms if t.block == name)
-        blocks.append(RemovableBlock(name=name, first_layer=inside[0] if inside else None, macs=macs, params=params))
+        blocks.append(RemovableBlock(
+            name=name, first_layer=inside[0] if inside else None, macs=macs, params=params,
+            modules=members, exit_layer=exit_of.get(name),
+        ))
     return blocks

@@ -95,7 +95,7 @@ def extract_state_dict(obj: object, path: str | Path) -> dict[str, torch.Tensor]
 
 
 def _strip_wrapper_prefix(key: str) -> str:
-    return key[len("module.") :] if key.startswith("module.") else key
+    return key.removeprefix("module.")
 
 
 def load_weights(model: nn.Module, path: str | Path, *, model_name: str, trust_pickle: bool = False) -> None:

@@ -9,6 +9,9 @@
 - ``pruned:PATH``: a model saved by ``rl-pruner apply`` (see
   :mod:`rl_pruner.engine.serialization`).
 - ``digits_cnn``: the demo CNN for 1x8x8 digit images (:mod:`rl_pruner.demo`).
+- ``yolov7:PATH``: a YOLOv7 detector built from the model YAML at PATH (the official
+  ``yolov7.yaml``, ``yolov7-tiny.yaml`` or a file written by rl-pruner's export); 640x640
+  inputs in [0, 1], no normalization. Official state_dicts load key for key.
 """
 
 from __future__ import annotations
@@ -25,9 +28,14 @@ from rl_pruner.data import IMAGENET_NORMALIZATION, Normalization
 from rl_pruner.errors import InputError
 from rl_pruner.models.checkpoint import load_weights
 from rl_pruner.models.cifar_resnet import CIFAR_DEPTHS, cifar_resnet
+from rl_pruner.models.yolov7.model import YOLOv7
 
 CIFAR_NAMES = {f"cifar_resnet{depth}": depth for depth in CIFAR_DEPTHS}
 PRUNED_PREFIX = "pruned:"
+YOLOV7_PREFIX = "yolov7:"
+YOLOV7_INPUT_SIZE = 640
+# YOLOv7 reads RGB images scaled to [0, 1] and applies no further normalization.
+IDENTITY_NORMALIZATION = Normalization((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
 
 # The built-in demo model. rl_pruner.demo is imported only when this name is used.
 DEMO_NAME = "digits_cnn"
@@ -39,8 +47,16 @@ def _build_demo_model(num_classes: int | None) -> tuple[nn.Module, tuple[int, in
     return DigitsNet(num_classes or 10), DIGITS_INPUT_SHAPE
 
 
+def is_detector(architecture: str) -> bool:
+    """Whether ``architecture`` names a detector (its reward is an mAP, not top-1)."""
+    return architecture.startswith(YOLOV7_PREFIX)
+
+
 def default_normalization(architecture: str) -> Normalization:
-    """Return the input normalization of ``architecture``: the digits' own statistics for the demo model, else ImageNet's."""
+    """Return the input normalization of ``architecture``: the digits' own statistics for the
+    demo model, none for YOLOv7, else ImageNet's."""
+    if is_detector(architecture):
+        return IDENTITY_NORMALIZATION
     if architecture == DEMO_NAME:
         from rl_pruner.demo import DIGITS_NORMALIZATION
 
@@ -67,8 +83,22 @@ def torchvision_names() -> list[str]:
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
-def build_architecture(name: str, num_classes: int | None = None) -> tuple[nn.Module, tuple[int, int, int]]:
-    """Build the dense, randomly initialised model ``name`` and its input shape."""
+def build_architecture(
+    name: str, num_classes: int | None = None, config_text: str | None = None
+) -> tuple[nn.Module, tuple[int, int, int]]:
+    """Build the dense, randomly initialised model ``name`` and its input shape.
+
+    ``config_text`` is the YAML text of a ``yolov7:PATH`` model, used instead of
+    reading PATH (a pruned model file carries it).
+    """
+    if name.startswith(YOLOV7_PREFIX):
+        from rl_pruner.models.yolov7 import build_yolov7
+
+        path = name[len(YOLOV7_PREFIX):]
+        if config_text is None and not Path(path).is_file():
+            raise InputError(f"model {name!r}: no YOLOv7 model YAML at {path}; pass yolov7:PATH to an existing file")
+        model = build_yolov7(path, num_classes, text=config_text)
+        return model, (3, YOLOV7_INPUT_SIZE, YOLOV7_INPUT_SIZE)
     if name in CIFAR_NAMES:
         return cifar_resnet(CIFAR_NAMES[name], num_classes or 10), (3, 32, 32)
     if name == DEMO_NAME:
@@ -80,7 +110,7 @@ def build_architecture(name: str, num_classes: int | None = None) -> tuple[nn.Mo
         return torchvision.models.get_model(name, weights=None, **kwargs), (3, 224, 224)
     raise InputError(
         f"model {name!r} is unknown; use a torchvision name (e.g. resnet50), one of "
-        f"{', '.join(CIFAR_NAMES)}, {DEMO_NAME}, package.module:factory, or pruned:PATH"
+        f"{', '.join(CIFAR_NAMES)}, {DEMO_NAME}, package.module:factory, yolov7:PATH, or pruned:PATH"
     )
 
 
@@ -100,7 +130,10 @@ def _build_user_model(spec: str) -> nn.Module:
 
 
 def output_size(model: nn.Module) -> int:
-    """Number of classes: the out_features of the last linear layer (or out_channels of a conv)."""
+    """Number of classes: a detector's ``num_classes``, else the out_features of the last
+    linear layer (or out_channels of a conv)."""
+    if isinstance(model, YOLOv7):
+        return model.num_classes
     last = None
     for module in model.modules():
         if isinstance(module, (nn.Linear, nn.Conv2d)):
@@ -127,6 +160,9 @@ def load_model(
         if checkpoint is not None:
             raise InputError("a pruned:PATH model carries its own weights; drop --checkpoint")
         return load_pruned_model(spec[len(PRUNED_PREFIX):])
+    if spec.startswith(YOLOV7_PREFIX):
+        spec = YOLOV7_PREFIX + str(Path(spec[len(YOLOV7_PREFIX):]).expanduser().resolve())
+        check_detector_input_size(input_size)
     model, input_shape = build_architecture(spec, num_classes)
     if input_size is not None:
         input_shape = (input_shape[0], input_size, input_size)
@@ -141,6 +177,14 @@ def load_model(
         num_classes=output_size(model),
         image_size=default_image_size(spec, input_shape),
     )
+
+
+def check_detector_input_size(input_size: int | None, key: str = "--input-size") -> None:
+    """Raise InputError unless ``input_size`` suits YOLOv7: None or a positive multiple of its largest stride, 32."""
+    if input_size is None or (input_size > 0 and input_size % 32 == 0):
+        return
+    nearest = max(32, 32 * round(input_size / 32))
+    raise InputError(f"{key} is {input_size}; a YOLOv7 input side must be a multiple of 32 pixels, e.g. {nearest}")
 
 
 def default_image_size(architecture: str, input_shape: tuple[int, ...]) -> int | None:

@@ -11,7 +11,8 @@ from rl_pruner.models.yolov7.config import (
     YOLOv7Config,
     load_yolov7_config,
 )
-from rl_pruner.models.yolov7.model import MODULES, YOLOv7, build_yolov7, fuse_yolov7
+from rl_pruner.models.yolov7.export import export_yolov7
+from rl_pruner.models.yolov7.model import MODULES, DroppedLayer, ElanTail, YOLOv7, build_yolov7, fuse_yolov7
 from rl_pruner.models.yolov7.modules import (
     MP,
     SP,
@@ -34,6 +35,8 @@ __all__ = [
     "Concat",
     "Conv",
     "Detect",
+    "DroppedLayer",
+    "ElanTail",
     "IDetect",
     "ImplicitA",
     "ImplicitM",
@@ -42,6 +45,7 @@ __all__ = [
     "YOLOv7",
     "YOLOv7Config",
     "build_yolov7",
+    "export_yolov7",
     "fuse_yolov7",
     "load_yolov7_config",
 ]

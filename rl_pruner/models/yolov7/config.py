@@ -95,8 +95,12 @@ def load_yolov7_config(
     path: str | Path,
     num_classes: int | None = None,
     module_names: Sequence[str] | None = None,
+    text: str | None = None,
 ) -> YOLOv7Config:
     """Read and validate a YOLOv7 model YAML without evaluating any of its text.
+
+    With ``text``, that YAML text is parsed and ``path`` only names it in messages (a
+    pruned model file carries the text of the configuration it was built from).
 
     ``num_classes`` replaces the file's ``nc`` (and so every argument written as
     ``nc``). ``module_names`` restricts the ``module`` column to those names; by default
@@ -107,7 +111,7 @@ def load_yolov7_config(
             malformed or contains an argument outside the accepted forms.
     """
     path = Path(path)
-    raw = _read_yaml(path)
+    raw = _read_yaml(path, text)
     source = str(path)
 
     missing = [key for key in _REQUIRED_KEYS if key not in raw]
@@ -136,11 +140,12 @@ def load_yolov7_config(
     )
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as err:
-        raise ConfigError(f"cannot read model configuration {path}: {err.strerror or err}") from err
+def _read_yaml(path: Path, text: str | None = None) -> dict[str, Any]:
+    if text is None:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as err:
+            raise ConfigError(f"cannot read model configuration {path}: {err.strerror or err}") from err
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as err:

@@ -20,6 +20,7 @@ import copy
 import logging
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -70,11 +71,46 @@ def make_divisible(value: float, divisor: int) -> int:
     return math.ceil(value / divisor) * divisor
 
 
+class DroppedLayer(nn.Module):
+    """Holds the place of a layer removed by depth pruning, so later layers keep their index.
+
+    It has no weights and is never run: :class:`YOLOv7` skips it, and no remaining
+    layer reads its output.
+    """
+
+    def forward(self, x: Any) -> Any:
+        raise RuntimeError("a layer removed by depth pruning was run; the model's sources are inconsistent")
+
+
+@dataclass(frozen=True)
+class ElanTail:
+    """The last step of an ELAN chain, which depth pruning may remove.
+
+    An ELAN block runs a chain of convolutions (each reading the previous one) and
+    concatenates some of their outputs. Its tail is the convolutions after the
+    second-to-last concatenated output: removing them and their Concat input leaves
+    a valid, shorter ELAN. In yolov7.yaml's backbone that is the last pair of 3x3
+    convolutions; where every chain output is concatenated (yolov7-tiny, the yolov7
+    head), it is the last convolution.
+    """
+
+    layers: tuple[int, ...]  # indices of the removed Conv layers, in order
+    concat: int  # index of the Concat layer that reads the last of them
+
+    @property
+    def name(self) -> str:
+        """``model.5-6`` for a two-layer tail, ``model.45`` for one layer."""
+        first, last = self.layers[0], self.layers[-1]
+        return f"model.{first}" if first == last else f"model.{first}-{last}"
+
+
 class YOLOv7(nn.Module):
     """A YOLOv7 detector: layers run in order, each reading the outputs it names.
 
     ``sources[i]`` lists the layers whose outputs layer ``i`` reads (-1 is the model
     input). A layer whose ``from`` field was a list receives its inputs as a list.
+    ``dropped_layers`` lists layers removed by depth pruning (:meth:`rl_pruner_drop_blocks`);
+    they stay in ``model`` as :class:`DroppedLayer` and are skipped.
     """
 
     def __init__(self, layers: Sequence[nn.Module], specs: Sequence[LayerSpec], input_channels: int) -> None:
@@ -86,6 +122,7 @@ class YOLOv7(nn.Module):
         # Outputs that some layer reads are kept during forward; the others are released
         # as soon as the next layer has run.
         self.kept_outputs = frozenset(source for spec in specs for source in spec.sources)
+        self.dropped_layers: tuple[int, ...] = ()
 
     @property
     def head(self) -> Detect:
@@ -105,6 +142,75 @@ class YOLOv7(nn.Module):
         head_name = f"model.{len(self.model) - 1}"
         return [f"{head_name}.m.{index}" for index in range(len(self.head.m))]
 
+    def elan_tails(self) -> list[ElanTail]:
+        """The ELAN tails that depth pruning may remove from this model, in layer order.
+
+        A Concat layer has a removable tail when the latest layer it reads is the layer just
+        before it, and that layer and the ones back to the previous concatenated
+        output are plain :class:`Conv` layers, each reading the one before and read by
+        nothing else. The Concat must keep at least two inputs.
+        """
+        readers: dict[int, list[int]] = {}
+        for index, sources in enumerate(self.sources):
+            if index in self.dropped_layers:
+                continue
+            for source in sources:
+                readers.setdefault(source, []).append(index)
+        tails = []
+        for index, layer in enumerate(self.model):
+            sources = self.sources[index]
+            if not isinstance(layer, Concat) or index in self.dropped_layers or len(sources) < 3:
+                continue
+            ordered = sorted(sources)
+            exit_layer, previous = ordered[-1], ordered[-2]
+            if exit_layer != index - 1 or sources.count(exit_layer) > 1:
+                continue
+            chain = list(range(previous + 1, exit_layer + 1))
+            if all(
+                type(self.model[member]) is Conv
+                and self.sources[member] == (member - 1,)
+                and readers.get(member) == ([member + 1] if member < exit_layer else [index])
+                for member in chain
+            ):
+                tails.append(ElanTail(layers=tuple(chain), concat=index))
+        return tails
+
+    @property
+    def rl_pruner_depth_blocks(self) -> list[dict[str, Any]]:
+        """The ELAN tails as depth blocks for :func:`rl_pruner.engine.structure.analyze_model`."""
+        return [
+            {"name": tail.name, "modules": [f"model.{i}" for i in tail.layers], "exit": f"model.{tail.layers[-1]}.conv"}
+            for tail in self.elan_tails()
+        ]
+
+    def rl_pruner_drop_blocks(self, names: Sequence[str]) -> None:
+        """Remove the named ELAN tails: their layers become :class:`DroppedLayer` and
+        their Concat stops reading them.
+
+        The Concat's consumer still expects the removed channels; the engine prunes
+        them from it (:func:`rl_pruner.engine.apply.apply_policy`), and a saved
+        pruned model records the consumer's new width.
+        """
+        tails = {tail.name: tail for tail in self.elan_tails()}
+        unknown = [name for name in names if name not in tails]
+        if unknown:
+            raise ValueError(f"not removable ELAN tails of this model: {unknown!r}; known: {sorted(tails)!r}")
+        for name in names:
+            tail = tails[name]
+            for index in tail.layers:
+                self.model[index] = DroppedLayer()
+            self.sources[tail.concat] = tuple(s for s in self.sources[tail.concat] if s != tail.layers[-1])
+            self.dropped_layers = tuple(sorted({*self.dropped_layers, *tail.layers}))
+        self.kept_outputs = frozenset(
+            source for index, sources in enumerate(self.sources) if index not in self.dropped_layers
+            for source in sources
+        )
+
+    @property
+    def num_classes(self) -> int:
+        """Number of object classes the head predicts."""
+        return self.head.nc
+
     @property
     def stride(self) -> torch.Tensor:
         """Stride in pixels of each detection level."""
@@ -123,11 +229,39 @@ class YOLOv7(nn.Module):
         """Raw per-level head outputs for input ``x``, as training mode returns them, in any mode."""
         return self.head.level_maps(self.head_inputs(x))
 
+    def rl_pruner_calibration_loss(self, images: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Compute a label-free detection loss on ``images`` for the ``taylor`` criterion to differentiate.
+
+        Calibration batches carry no boxes, so ``targets`` is ignored. The model's own
+        decisions serve as labels instead. Every objectness and class logit of the raw
+        level maps is scored by binary cross-entropy, the loss YOLOv7 trains these outputs
+        with. Its target is 1 where the logit is positive (sigmoid above 0.5), else 0, and
+        carries no gradient. The loss is the mean over all anchors, cells, levels and
+        images.
+
+        The targets are hard because soft ones (the model's own probabilities) make the
+        gradient exactly zero. With hard targets the gradient of each logit is
+        proportional to ``sigmoid - target``, largest for uncertain predictions, as the
+        gradient of a labelled loss is largest on mistakes and uncertain predictions.
+
+        Limits: box coordinates are left out, because matching predicted boxes to targets
+        needs labels. So channels are ranked by their effect on objectness and class
+        confidence only. An untrained model has almost every target at 0 (its bias priors
+        make every sigmoid small), so its scores rank channels by their first-order effect
+        on the model's overall confidence. Where labelled images exist, a real detection
+        loss ranks channels more faithfully.
+        """
+        logits = torch.cat([level[..., 4:].flatten() for level in self.level_maps(images)])
+        pseudo_labels = (logits.detach() > 0).to(logits.dtype)
+        return nn.functional.binary_cross_entropy_with_logits(logits, pseudo_labels)
+
     def _run_layers(self, x: torch.Tensor, n_layers: int) -> tuple[dict[int, Any], Any]:
         """Run the first ``n_layers`` layers; return the kept outputs and the last output."""
         outputs: dict[int, Any] = {-1: x}
         previous: Any = x
         for index, layer in enumerate(self.model[:n_layers]):
+            if index in self.dropped_layers:
+                continue
             sources = self.sources[index]
             if self.takes_list[index]:
                 inputs: Any = [outputs[source] for source in sources]
@@ -160,7 +294,9 @@ def fuse_yolov7(model: nn.Module) -> nn.Module:
     return model
 
 
-def build_yolov7(yaml_path: str | Path, num_classes: int | None = None, input_channels: int = 3) -> YOLOv7:
+def build_yolov7(
+    yaml_path: str | Path, num_classes: int | None = None, input_channels: int = 3, text: str | None = None
+) -> YOLOv7:
     """Build a randomly initialised YOLOv7 from a model YAML.
 
     Args:
@@ -168,12 +304,13 @@ def build_yolov7(yaml_path: str | Path, num_classes: int | None = None, input_ch
             ``yolov7-tiny.yaml``); read safely, see :func:`load_yolov7_config`.
         num_classes: replaces the configuration's ``nc`` when given.
         input_channels: channels of the input images.
+        text: the YAML text to build from; ``yaml_path`` then only names it in messages.
 
     Raises:
         ConfigError: the configuration is invalid, or a layer's arguments do not fit
             its module.
     """
-    config = load_yolov7_config(yaml_path, num_classes=num_classes, module_names=list(MODULES))
+    config = load_yolov7_config(yaml_path, num_classes=num_classes, module_names=list(MODULES), text=text)
     layers, channels = [], []
     for spec in config.layers:
         layer, out_channels = _build_layer(spec, config, channels, input_channels)
