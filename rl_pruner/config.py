@@ -36,6 +36,7 @@ from typing import Any
 import yaml
 
 from rl_pruner.errors import ConfigError
+from rl_pruner.pipeline import PipelineConfig
 from rl_pruner.policy import CRITERIA, DATA_CRITERIA
 
 logger = logging.getLogger(__name__)
@@ -220,6 +221,8 @@ class SearchConfig:
     :param tracking: MLflow settings.
     :param distributed: Where episodes run (in process or on Ray workers).
     :param sweep: Values swept by ``rl-pruner sweep``.
+    :param pipeline: Stages run by ``rl-pruner pipeline`` (see :mod:`rl_pruner.pipeline`);
+        ``rl-pruner search`` and ``rl-pruner sweep`` ignore it.
     """
 
     model: str
@@ -246,6 +249,7 @@ class SearchConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
 
 # Public functions

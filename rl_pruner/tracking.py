@@ -49,6 +49,7 @@ from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.tracking import MlflowClient
+from mlflow.tracking.context.registry import resolve_tags
 from mlflow.utils.file_utils import local_file_uri_to_path
 from mlflow.utils.validation import (
     MAX_METRICS_PER_BATCH,
@@ -226,6 +227,12 @@ class SearchTracker:
     :param run_name: name of a new run, or None for a generated one. Ignored on resume.
     :param tags: tags set on the run, new or resumed.
     :param resume_run_id: id of a run of ``experiment`` to append to.
+    :param parent_run_id: id of the run that this run is a child of, set as the tag
+        ``mlflow.parentRunId`` so that the MLflow UI nests the run under it.
+    :param set_active: make the run MLflow's active run, as ``mlflow.start_run`` does.
+        False creates a new run through the client only, so that other runs, such as the
+        stages of a pipeline, can start and end in this process while this one is open.
+        False cannot be combined with ``resume_run_id``.
     """
 
     def __init__(
@@ -236,12 +243,19 @@ class SearchTracker:
         run_name: str | None = None,
         tags: Mapping[str, Any] | None = None,
         resume_run_id: str | None = None,
+        parent_run_id: str | None = None,
+        set_active: bool = True,
     ) -> None:
+        if not set_active and resume_run_id is not None:
+            raise ValueError("SearchTracker resumes a run only as the active run; pass set_active=True")
         self.tracking_uri = tracking_uri
         self.experiment = experiment
         self.run_name = run_name
         self.tags = {key: _truncate(value, MAX_TAG_VAL_LENGTH) for key, value in (tags or {}).items()}
+        if parent_run_id is not None:
+            self.tags[PARENT_RUN_TAG] = parent_run_id
         self.resume_run_id = resume_run_id
+        self.set_active = set_active
         self._run_id: str | None = None
         self._client: MlflowClient | None = None
         self._logged_params: dict[str, str] = {}
@@ -270,7 +284,13 @@ class SearchTracker:
         self._client = MlflowClient(self.tracking_uri)
         experiment_id = self._get_or_create_experiment()
 
-        if self.resume_run_id is None:
+        if not self.set_active:
+            run = self.client.create_run(experiment_id, run_name=self.run_name, tags=resolve_tags(self.tags))
+            logger.info(
+                "created MLflow run %s (%s) in experiment %r at %s, not as the active run",
+                run.info.run_id, run.info.run_name, self.experiment, _redact(self.tracking_uri),
+            )
+        elif self.resume_run_id is None:
             run = mlflow.start_run(experiment_id=experiment_id, run_name=self.run_name, tags=self.tags)
             logger.info(
                 "started MLflow run %s (%s) in experiment %r at %s",

@@ -49,6 +49,8 @@ def test_experiment_header_says_how_to_run(path: Path) -> None:
     text = path.read_text()
     if "\nsweep:" in text:
         command = "sweep"
+    elif "\npipeline:" in text:
+        command = "pipeline"
     else:
         command = "search"
     assert text.startswith("#")

@@ -1,4 +1,4 @@
-"""The ``finetune`` and ``sparsify`` subcommands of ``rl-pruner``.
+"""The ``finetune``, ``sparsify`` and ``pipeline`` subcommands of ``rl-pruner``.
 
 ``rl_pruner.cli`` registers them with :func:`add_training_commands` and hands a parsed
 command to :func:`run_training_command`. That function reports like the other
@@ -13,6 +13,8 @@ model. ``rl-pruner sparsify --model NAME --checkpoint CHECKPOINT --data D --epoc
 trains a dense model with the batch-norm L1 penalty and, with ``--target-sparsity``,
 gradual magnitude masks, and writes its state dict for pruning with ``--checkpoint``.
 Both save a resume state beside ``--out`` (``--state``) and continue it with ``--resume``.
+``rl-pruner pipeline CONFIG`` runs the stages of a search configuration's ``pipeline:``
+section, such as sparsify, search, apply and finetune (see :mod:`rl_pruner.pipeline`).
 """
 
 from __future__ import annotations
@@ -37,14 +39,14 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-TRAINING_COMMANDS = ("finetune", "sparsify")
+TRAINING_COMMANDS = ("finetune", "sparsify", "pipeline")
 DEFAULT_EXPERIMENT = "rl-pruner-training"
 STATE_SUFFIX = ".state"
 TRACKING_RUN_KEY = "tracking.run_id"
 
 
 def add_training_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``finetune`` and ``sparsify`` on the ``rl-pruner`` subcommand parsers.
+    """Register ``finetune``, ``sparsify`` and ``pipeline`` on the ``rl-pruner`` subcommand parsers.
 
     Each parser stores its handler as ``args.training_handler`` and its report as
     ``args.training_report``, for :func:`run_training_command`.
@@ -83,6 +85,20 @@ def add_training_commands(subparsers: argparse._SubParsersAction) -> None:
                           help="optimizer steps between two updates of the magnitude masks (default 100)")
     _add_common_arguments(sparsify, out_help="state dict file to write (load it with --checkpoint)")
     sparsify.set_defaults(training_handler=run_sparsify, training_report=report_sparsify)
+
+    pipeline = subparsers.add_parser(
+        "pipeline", help="run the stages of a search configuration's pipeline section, e.g. sparsify, search, "
+                         "apply and finetune, as child runs of one MLflow run"
+    )
+    pipeline.add_argument("config", help="search configuration YAML with a pipeline section (see experiments/)")
+    pipeline.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                          help="override a configuration key, e.g. --set pipeline.finetune.epochs=5")
+    pipeline.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of a report")
+    pipeline.set_defaults(
+        training_handler=run_pipeline_command, training_report=report_pipeline,
+        interrupt_message="rl-pruner: interrupted; the pipeline's open MLflow runs are marked KILLED, and the "
+                          "stages that finished keep their outputs under output_dir/<pipeline run id>\n",
+    )
 
 
 def _add_common_arguments(parser: argparse.ArgumentParser, out_help: str) -> None:
@@ -132,7 +148,7 @@ def _add_common_arguments(parser: argparse.ArgumentParser, out_help: str) -> Non
 
 
 def run_training_command(args: argparse.Namespace) -> int:
-    """Run a parsed ``finetune`` or ``sparsify`` command, print its result and return the exit code."""
+    """Run a parsed ``finetune``, ``sparsify`` or ``pipeline`` command, print its result and return the exit code."""
     handler: Callable[[argparse.Namespace], dict[str, Any]] = args.training_handler
     report: Callable[[dict[str, Any]], str] = args.training_report
     try:
@@ -141,6 +157,9 @@ def run_training_command(args: argparse.Namespace) -> int:
         sys.stderr.write(f"rl-pruner: error: {err}\n")
         return err.exit_code
     except KeyboardInterrupt:
+        if getattr(args, "interrupt_message", None) is not None:
+            sys.stderr.write(args.interrupt_message)
+            return 130
         state = _state_path(args)
         sys.stderr.write(
             f"rl-pruner: interrupted; once training has started, its state is saved in {state}. "
@@ -152,6 +171,24 @@ def run_training_command(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(report(result))
     return 0
+
+
+# pipeline
+
+def run_pipeline_command(args: argparse.Namespace) -> dict[str, Any]:
+    """Load ``args.config`` with its ``--set`` overrides and run its pipeline; return the pipeline summary."""
+    from rl_pruner.pipeline import load_pipeline_config, run_pipeline
+    from rl_pruner.preflight import check_endpoints
+
+    config = load_pipeline_config(args.config, args.overrides)
+    check_endpoints(config, uses_ray=config.distributed.workers > 0)
+    return run_pipeline(config)
+
+
+def report_pipeline(result: dict[str, Any]) -> str:
+    from rl_pruner.pipeline import format_pipeline_report
+
+    return format_pipeline_report(result)
 
 
 # finetune
@@ -174,7 +211,7 @@ def run_finetune(args: argparse.Namespace) -> dict[str, Any]:
             "a file written by 'rl-pruner apply'"
         )
     student = load_model(args.model)
-    teacher = load_model(student.architecture, args.teacher, trust_pickle=args.trust_pickle)
+    teacher = _load_teacher(args, student)
     check_pruned_student(student, teacher)
     train_data = _training_dataset(args, student)
     test_batches = _test_loader(args, student)
@@ -288,6 +325,23 @@ def report_sparsify(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _load_teacher(args: argparse.Namespace, student: LoadedModel) -> LoadedModel:
+    """Load ``--teacher`` as the student's architecture, with errors that name --teacher instead of --checkpoint."""
+    from rl_pruner.errors import CheckpointError
+    from rl_pruner.models.registry import load_model
+
+    try:
+        return load_model(student.architecture, args.teacher, trust_pickle=args.trust_pickle)
+    except CheckpointError as err:
+        # The loader's own fix names --checkpoint or --model, which finetune reads differently,
+        # so only the problem before the last "; " is kept.
+        problem = str(err).rpartition("; ")[0] or str(err)
+        raise CheckpointError(
+            f"--teacher {args.teacher} cannot be the teacher of {args.model}, a pruned {student.architecture}: "
+            f"{problem}; pass the dense {student.architecture} checkpoint that the student was pruned from"
+        ) from err
+
+
 # Shared steps
 
 def _check_output_path(path: str, force: bool) -> Path:
@@ -326,7 +380,6 @@ def _training_dataset(args: argparse.Namespace, loaded: LoadedModel) -> Dataset:
     from torch.utils.data import Subset
 
     from rl_pruner.data import build_image_folder, open_dataset, subset_indices
-    from rl_pruner.evaluation import check_num_classes
 
     if args.limit is not None and args.limit < 1:
         raise InputError(f"--limit is {args.limit}; it must be a positive number of images")
@@ -337,7 +390,7 @@ def _training_dataset(args: argparse.Namespace, loaded: LoadedModel) -> Dataset:
     else:
         dataset = build_image_folder(args.data, image_size=loaded.image_size, normalization=loaded.normalization,
                                      augment=not args.no_augment)
-    check_num_classes(loaded.num_classes, dataset.classes, args.data)
+    _check_classes(dataset, loaded, "--data", args.data)
     _check_image_shape(dataset, loaded, "--data", args.data)
     if args.limit is None:
         return dataset
@@ -348,13 +401,24 @@ def _test_loader(args: argparse.Namespace, loaded: LoadedModel) -> DataLoader | 
     if args.test_data is None:
         return None
     from rl_pruner.data import make_loader, open_dataset
-    from rl_pruner.evaluation import check_num_classes
 
     dataset = open_dataset(args.test_data, image_size=loaded.image_size, normalization=loaded.normalization,
                            split="test", seed=args.seed)
-    check_num_classes(loaded.num_classes, dataset.classes, args.test_data)
+    _check_classes(dataset, loaded, "--test-data", args.test_data)
     _check_image_shape(dataset, loaded, "--test-data", args.test_data)
     return make_loader(dataset, batch_size=args.batch_size, num_workers=args.data_workers)
+
+
+def _check_classes(dataset: Dataset, loaded: LoadedModel, flag: str, path: str) -> None:
+    """Raise DataError unless ``dataset`` has as many classes as the model has outputs."""
+    from rl_pruner.errors import DataError
+
+    n_classes = len(dataset.classes)
+    if n_classes != loaded.num_classes:
+        raise DataError(
+            f"{flag} {path} has {n_classes} classes but the model outputs {loaded.num_classes}; "
+            f"point {flag} at a data set with the model's {loaded.num_classes} classes"
+        )
 
 
 def _check_image_shape(dataset: Dataset, loaded: LoadedModel, flag: str, path: str) -> None:
@@ -403,7 +467,10 @@ class _NoTracker:
 
 
 def _tracker(args: argparse.Namespace, command: str) -> SearchTracker | _NoTracker:
-    """Open an MLflow run for this command, or on --resume the run that the saved state names, if any."""
+    """Open an MLflow run for this command, or on --resume the run that the saved state names, if any.
+
+    ``args.parent_run_id``, set by a pipeline and absent from the command line, makes the run a child of that run.
+    """
     if args.tracking_uri is None:
         return _NoTracker()
     from rl_pruner.tracking import SearchTracker
@@ -416,6 +483,7 @@ def _tracker(args: argparse.Namespace, command: str) -> SearchTracker | _NoTrack
     return SearchTracker(
         args.tracking_uri, args.experiment, run_name=f"{command} {Path(args.out).name}",
         tags={"rl_pruner.command": command, "rl_pruner.model": args.model}, resume_run_id=resume_run_id,
+        parent_run_id=getattr(args, "parent_run_id", None),
     )
 
 
