@@ -221,6 +221,9 @@ def test_ctrl_c_saves_state_at_stop_step(
     teacher, pruned = teacher_and_student
     config = TrainingConfig(epochs=1, batch_size=BATCH_SIZE, checkpoint_every=100)
     state = tmp_path / "state.pt"
+    # A shell that starts the tests in the background leaves SIGINT ignored, so the
+    # handler to restore is whatever was there before, not always Python's default.
+    handler_before = signal.getsignal(signal.SIGINT)
     with pytest.raises(KeyboardInterrupt):
         distill(copy.deepcopy(pruned), teacher.model, digits[0], config, hooks=StopAtStep(4, "ctrl_c"),
                 state_path=state, progress=False)
@@ -228,7 +231,7 @@ def test_ctrl_c_saves_state_at_stop_step(
     assert saved["step"] == 5
     assert saved["step_in_epoch"] == 5
     assert torch.equal(saved["order"], epoch_order(len(digits[0]), config.seed, 0))
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is handler_before
 
 
 def test_best_epoch_kept(

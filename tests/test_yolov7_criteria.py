@@ -187,6 +187,7 @@ def test_zero_policy_bit_identical(
     assert torch.equal(_outputs(pruned, images), _outputs(pruner.model, images))
 
 
+@pytest.mark.slow
 def test_fused_layers_match_unfused(yolov7_pruner: Pruner, fully_fused_pruner: Pruner) -> None:
     layers, fused_layers = yolov7_pruner.structure.layers, fully_fused_pruner.structure.layers
 
@@ -216,6 +217,7 @@ def test_fusion_order_repconv(yolov7_pruner: Pruner, images: torch.Tensor) -> No
     assert _max_difference(_level_maps(fused_then_pruned, images), expected) <= FUSION_TOLERANCE * scale
 
 
+@pytest.mark.slow
 def test_fusion_order_implicit_offsets(
     yolov7_pruner: Pruner, fully_fused_pruner: Pruner, images: torch.Tensor
 ) -> None:
