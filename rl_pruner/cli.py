@@ -30,7 +30,8 @@ class _ArgumentParser(argparse.ArgumentParser):
 
 def _add_model_arguments(parser: argparse.ArgumentParser, checkpoint_required: bool = False) -> None:
     parser.add_argument("--model", required=True,
-                        help="model name (resnet50, cifar_resnet56, package.module:factory) or pruned:PATH")
+                        help="model name (resnet50, cifar_resnet56, package.module:factory), yolov7:MODEL.yaml "
+                             "or pruned:PATH")
     parser.add_argument("--checkpoint", required=checkpoint_required, default=None,
                         help="dense checkpoint (a state_dict, or a dict holding one)")
     parser.add_argument("--trust-pickle", action="store_true",
@@ -63,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("evaluate", help="top-1, MACs, parameters and latency of a model")
     _add_model_arguments(evaluate)
-    evaluate.add_argument("--data", required=True, help="test images: ImageFolder directory or .tar/.tar.gz of one")
+    evaluate.add_argument("--data", required=True,
+                          help="test images: ImageFolder directory or .tar/.tar.gz of one; for a detector, the data "
+                               "YAML of a YOLO-format set (its val split)")
     evaluate.add_argument("--limit", type=int, default=None, help="evaluate a seeded subset of N images (default: all)")
     evaluate.add_argument("--latency-batch", type=int, default=1, help="batch size of the latency measurement (default 1)")
     _add_data_arguments(evaluate)

@@ -186,6 +186,8 @@ def _evaluate_detector(args: argparse.Namespace, loaded: LoadedModel) -> dict[st
     from rl_pruner.search import check_detector_classes
 
     check_detector_classes(loaded, args.data, "--data")
+    if args.checkpoint is None and loaded.pruned is None:
+        logger.warning("no --checkpoint: evaluating the untrained %s as built", args.model)
     batches = load_detection_batches(args.data, "val", loaded.input_shape[-1], args.batch_size, args.limit, args.seed)
     scores = DetectionMAPReward(batches).evaluate(loaded.model)
     latency = measure_latency(
@@ -311,6 +313,7 @@ def run_apply(args: argparse.Namespace) -> dict[str, Any]:
         "criterion": policy.criterion,
         "dropped_blocks": policy.dropped_blocks,
         "bn_reestimated_on": sum(len(labels) for _, labels in bn_batches) if bn_batches else 0,
+        "random_init": bool(args.random_init),
         "before": before,
         "after": after,
         "macs_ratio": after["macs"] / before["macs"],
@@ -335,7 +338,7 @@ def report_apply(result: dict[str, Any]) -> str:
         lines.append(f"dropped blocks: {', '.join(result['dropped_blocks'])}")
     if result["bn_reestimated_on"]:
         lines.append(f"batch norm re-estimated on {result['bn_reestimated_on']} training images")
-    else:
+    elif not result.get("random_init"):
         lines.append("batch norm NOT re-estimated: accuracy is far below what it can be; "
                      "pass --data with training images")
     return "\n".join(lines) + "\n"
