@@ -163,9 +163,9 @@ def prepare_data(config: SearchConfig) -> SearchData:
 def _prepare_detection_data(config: SearchConfig, loaded: LoadedModel) -> SearchData:
     """Read a detector's reward, batch-norm and calibration images once, in disjoint splits.
 
-    ``data`` is a folder of images for the fidelity metrics and a YOLO-format data YAML
-    (its ``train`` split) for the labelled ones; ``test_data`` is a data YAML whose
-    ``val`` split scores the best policy.
+    ``data`` is a folder of images for the fidelity metrics. For the labelled metrics it
+    is a YOLO-format data YAML, whose ``train`` split is read. ``test_data`` is a data
+    YAML whose ``val`` split scores the best policy.
     """
     from rl_pruner.detection.data import load_detection_batches, load_image_batches
     from rl_pruner.detection.reward import DetectionMAPReward, FidelityReward

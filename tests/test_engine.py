@@ -134,7 +134,7 @@ class _ConcatInOrder(nn.Module):
         return self.head(torch.cat([self.first(x), self.second(x)], dim=1))
 
 
-def test_pruning_both_inputs_of_a_concatenation_keeps_the_right_slices() -> None:
+def test_concat_inputs_pruned_in_order() -> None:
     """Each branch's removed channels leave the consumer's matching input slice, whatever the order."""
     model = _ConcatInOrder().eval()
     structure = analyze_model(model, (3, 8, 8), architecture="concat")

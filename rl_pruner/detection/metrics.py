@@ -119,7 +119,7 @@ class BoxMAPEvaluator:
             evaluation.accumulate()
         logger.debug("pycocotools output:\n%s", captured.getvalue())
         # COCOeval.summarize() computes its headline AP with 100 detections per image
-        # whatever maxDets says (pycocotools 2.0.11), so the means are taken here from
+        # whatever maxDets is set to (pycocotools 2.0.11), so the means are taken here from
         # the precision table: IoU thresholds x recall points x classes x areas x caps,
         # with -1 where a class has no ground truth. Area 0 is "all".
         precision = evaluation.eval["precision"][:, :, :, 0, caps.index(self.max_detections)]

@@ -75,8 +75,8 @@ def apply_policy(
         for member in layer.members:
             channels = removals.setdefault((member.module_name, member.handler), set())
             channels.update(c for root in root_channels for c in member.index_map[root])
-    # A dropped depth block's exit layer loses every channel in the modules outside the
-    # block that read it (a concatenation's consumer); the block's own modules go.
+    # Modules outside a dropped depth block that read its exit layer (a concatenation's
+    # consumer) lose all of its channels. The block's own modules are removed below.
     for block in structure.blocks:
         if block.name not in dropped or block.exit_layer is None:
             continue

@@ -8,7 +8,7 @@ the convolutions that write into one residual stream form a single layer. A poli
 gives one pruning ratio (fraction of channels removed) per layer.
 
 A model may also declare *depth blocks* in the attribute ``rl_pruner_depth_blocks``:
-groups of layers that can be removed together although no single module holds them,
+groups of layers that can be removed together although no single module contains them,
 such as the last step of a YOLOv7 ELAN chain. Each entry is a mapping with ``name``,
 ``modules`` (the names of the modules removed) and ``exit`` (the root of the layer
 whose output the rest of the network reads: its channels vanish from every consumer

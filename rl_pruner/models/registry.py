@@ -48,7 +48,7 @@ def _build_demo_model(num_classes: int | None) -> tuple[nn.Module, tuple[int, in
 
 
 def is_detector(architecture: str) -> bool:
-    """Whether ``architecture`` names a detector (its reward is an mAP, not top-1)."""
+    """Return whether ``architecture`` names a detector, whose reward is an mAP instead of top-1."""
     return architecture.startswith(YOLOV7_PREFIX)
 
 

@@ -89,8 +89,8 @@ class ElanTail:
     An ELAN block runs a chain of convolutions (each reading the previous one) and
     concatenates some of their outputs. Its tail is the convolutions after the
     second-to-last concatenated output: removing them and their Concat input leaves
-    a valid, shorter ELAN. In yolov7.yaml's backbone that is the last pair of 3x3
-    convolutions; where every chain output is concatenated (yolov7-tiny, the yolov7
+    a valid, shorter ELAN. In yolov7.yaml's backbone the tail is the last pair of 3x3
+    convolutions. Where every chain output is concatenated (yolov7-tiny, the yolov7
     head), it is the last convolution.
     """
 
@@ -145,9 +145,9 @@ class YOLOv7(nn.Module):
     def elan_tails(self) -> list[ElanTail]:
         """The ELAN tails that depth pruning may remove from this model, in layer order.
 
-        A Concat layer has a removable tail when the latest layer it reads is the layer just
-        before it, and that layer and the ones back to the previous concatenated
-        output are plain :class:`Conv` layers, each reading the one before and read by
+        A Concat layer has a removable tail when the latest layer it reads is the layer
+        just before it. That layer and the ones back to the previous concatenated output
+        must be plain :class:`Conv` layers, each reading the one before and read by
         nothing else. The Concat must keep at least two inputs.
         """
         readers: dict[int, list[int]] = {}
