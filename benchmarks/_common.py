@@ -7,8 +7,11 @@ import json
 import logging
 import os
 import platform
+import signal
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,6 +68,36 @@ def training_arguments(description: str, name: str, state_help: str) -> argparse
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     return args
+
+
+@dataclass
+class TimedRun:
+    """Outcome of :func:`train_for_at_most`: the training function's result (None when stopped) and wall time."""
+
+    result: Any
+    finished: bool
+    seconds: float
+
+
+def train_for_at_most(train: Callable[[], Any], max_minutes: float | None) -> TimedRun:
+    """Call ``train``, sending this process Ctrl-C (SIGINT) once ``max_minutes`` have passed.
+
+    The training loop saves its state at the next step boundary and raises
+    KeyboardInterrupt, which ends the run here with ``finished`` False.
+    """
+    timer = None
+    if max_minutes is not None:
+        timer = threading.Timer(max_minutes * 60, os.kill, (os.getpid(), signal.SIGINT))
+        timer.daemon = True
+        timer.start()
+    started = time.perf_counter()
+    try:
+        return TimedRun(train(), True, time.perf_counter() - started)
+    except KeyboardInterrupt:
+        return TimedRun(None, False, time.perf_counter() - started)
+    finally:
+        if timer is not None:
+            timer.cancel()
 
 
 @dataclass

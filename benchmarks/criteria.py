@@ -19,7 +19,6 @@ from __future__ import annotations
 import time
 
 import torch
-
 from _common import shared_data, write_result
 
 from rl_pruner.data import build_image_folder, load_batches, split_indices

@@ -21,17 +21,13 @@ Run: python benchmarks/finetune.py  -> benchmarks/results/finetune.json
 
 from __future__ import annotations
 
-import signal
-import time
-
-import torch
-from _common import cifar_training_data, shared_data, training_arguments, write_result
+from _common import cifar_training_data, shared_data, train_for_at_most, training_arguments, write_result
 
 from rl_pruner.engine.pruner import Pruner
 from rl_pruner.evaluation import evaluate_top1
 from rl_pruner.models.registry import load_model
 from rl_pruner.training.distill import DistillationSettings, distill
-from rl_pruner.training.loop import TrainingConfig, TrainingHooks
+from rl_pruner.training.loop import TrainingConfig, read_state_summary
 
 MACS_TARGET = 0.5
 BN_IMAGES = 2000
@@ -39,21 +35,6 @@ REQUIRED_GAIN_POINTS = 8.0
 CONFIG = TrainingConfig(epochs=2, batch_size=128, learning_rate=0.01, momentum=0.9, weight_decay=5e-4, seed=0,
                         checkpoint_every=20, channels_last=True)
 DISTILLATION = DistillationSettings(temperature=4.0, alpha=0.9)
-
-
-class WallTimeLimit(TrainingHooks):
-    """Requests a stop, as Ctrl-C does, after the first step that ends past ``limit_s`` seconds."""
-
-    def __init__(self, limit_s: float | None) -> None:
-        self.limit_s = limit_s
-        self.started = time.perf_counter()
-        self.last_step = -1
-
-    def after_step(self, model: torch.nn.Module, step: int) -> None:
-        self.last_step = step
-        if self.limit_s is not None and time.perf_counter() - self.started > self.limit_s:
-            self.limit_s = None
-            signal.raise_signal(signal.SIGINT)
 
 
 def main() -> None:
@@ -71,8 +52,6 @@ def main() -> None:
     pruned_top1 = evaluate_top1(pruned, test_batches)
     print(f"dense {dense_top1:.2f} %, pruned before fine-tuning {pruned_top1:.2f} %")
 
-    started = time.perf_counter()
-    limit = WallTimeLimit(None if args.max_minutes is None else args.max_minutes * 60)
     common = {
         "model": "cifar_resnet56", "macs_target": MACS_TARGET, "round_to": 1, "criterion": policy.criterion,
         "macs_ratio": policy.metadata["macs_ratio"], "bn_images": BN_IMAGES,
@@ -81,20 +60,22 @@ def main() -> None:
         "dense_top1": dense_top1, "pruned_top1": pruned_top1, "required_gain_points": REQUIRED_GAIN_POINTS,
         "resumed": args.resume, "state": str(args.state),
     }
-    try:
-        result = distill(pruned, loaded.model, train_augmented, CONFIG, DISTILLATION, hooks=limit,
-                         test_batches=test_batches, state_path=args.state, resume=args.resume)
-    except KeyboardInterrupt:
-        steps_done = limit.last_step + 1
+    run = train_for_at_most(
+        lambda: distill(pruned, loaded.model, train_augmented, CONFIG, DISTILLATION, test_batches=test_batches,
+                        state_path=args.state, resume=args.resume),
+        args.max_minutes,
+    )
+    if not run.finished:
+        steps_done = read_state_summary(args.state)["step"]
         partial_top1 = evaluate_top1(pruned, test_batches)
-        print(f"stopped after step {steps_done} of {2 * (len(train_augmented) // CONFIG.batch_size)}: "
+        print(f"stopped after step {steps_done} of {CONFIG.epochs * (len(train_augmented) // CONFIG.batch_size)}: "
               f"{partial_top1:.2f} % ({partial_top1 - pruned_top1:+.2f} points); continue with --resume")
         write_result("finetune", {
             **common, "finished": False, "steps_done": steps_done, "partial_top1": partial_top1,
-            "gain_points_so_far": partial_top1 - pruned_top1, "seconds_this_invocation": time.perf_counter() - started,
+            "gain_points_so_far": partial_top1 - pruned_top1, "seconds_this_invocation": run.seconds,
         })
         return
-    seconds = time.perf_counter() - started
+    result = run.result
     final_top1 = result.history[-1]["eval/top1"]
     gain = final_top1 - pruned_top1
     print(f"after {CONFIG.epochs} epochs of distillation: {final_top1:.2f} % ({gain:+.2f} points)")
@@ -102,7 +83,7 @@ def main() -> None:
     write_result("finetune", {
         **common, "finished": True, "finetuned_top1": final_top1, "best_top1": result.best_top1,
         "gain_points": gain, "passed": gain >= REQUIRED_GAIN_POINTS, "history": result.history,
-        "steps": result.steps, "seconds_this_invocation": seconds,
+        "steps": result.steps, "seconds_this_invocation": run.seconds,
     })
 
 

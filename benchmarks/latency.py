@@ -10,7 +10,6 @@ Run: python benchmarks/latency.py  -> benchmarks/results/latency.json
 from __future__ import annotations
 
 import torch
-
 from _common import write_result
 
 from rl_pruner.engine.macs import count_macs

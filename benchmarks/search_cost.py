@@ -17,9 +17,8 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from mlflow.tracking import MlflowClient
-
 from _common import REPO_ROOT, shared_data, write_result
+from mlflow.tracking import MlflowClient
 
 
 def _history(client: MlflowClient, run_id: str, name: str) -> dict[int, tuple[float, int]]:

@@ -22,13 +22,9 @@ Run: python benchmarks/semistructured.py  -> benchmarks/results/semistructured.j
 from __future__ import annotations
 
 import copy
-import os
-import signal
-import threading
-import time
 
 import torch
-from _common import cifar_training_data, shared_data, training_arguments, write_result
+from _common import cifar_training_data, shared_data, train_for_at_most, training_arguments, write_result
 
 from rl_pruner.engine.batchnorm import reestimate_batchnorm
 from rl_pruner.evaluation import evaluate_top1
@@ -67,21 +63,11 @@ def main() -> None:
           f"{masked_bn_top1:.2f} %")
 
     model = copy.deepcopy(loaded.model)
-    timer = None
-    if args.max_minutes is not None:
-        timer = threading.Timer(args.max_minutes * 60, os.kill, (os.getpid(), signal.SIGINT))
-        timer.daemon = True
-        timer.start()
-    started = time.perf_counter()
-    finished = True
-    try:
-        fine_tune_two_four(model, train_augmented, CONFIG, layers=layers, state_path=args.state, resume=args.resume)
-    except KeyboardInterrupt:
-        finished = False
-    finally:
-        if timer is not None:
-            timer.cancel()
-    seconds = time.perf_counter() - started
+    run = train_for_at_most(
+        lambda: fine_tune_two_four(model, train_augmented, CONFIG, layers=layers, state_path=args.state,
+                                   resume=args.resume),
+        args.max_minutes,
+    )
 
     progress = read_state_summary(args.state)
     modules = dict(model.named_modules())
@@ -96,9 +82,9 @@ def main() -> None:
     write_result("semistructured", {
         "model": "cifar_resnet20", "masked_layers": layers, "masked_weight_share": n_masked / n_weights,
         "bn_images": BN_IMAGES, "train_images": len(train_augmented), "test_images": splits.n_test_images,
-        "config": CONFIG.to_dict(), "finished": finished, "steps_done": progress["step"],
+        "config": CONFIG.to_dict(), "finished": run.finished, "steps_done": progress["step"],
         "steps_total": CONFIG.epochs * (len(train_augmented) // CONFIG.batch_size),
-        "seconds_this_invocation": seconds, "resumed": args.resume, "state": str(args.state),
+        "seconds_this_invocation": run.seconds, "resumed": args.resume, "state": str(args.state),
         "dense_top1": dense_top1, "masked_top1": masked_top1, "masked_bn_reestimated_top1": masked_bn_top1,
         "finetuned_top1": finetuned_top1, "groups_breaking_2_4_after": violations,
         "export": {"reason": export.reason, "exported_layers": export.exported_layers,

@@ -27,13 +27,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import os
-import signal
-import threading
-import time
 from typing import Any
 
-from _common import cifar_training_data, shared_data, training_arguments, write_result
+from _common import cifar_training_data, shared_data, train_for_at_most, training_arguments, write_result
 from torch import nn
 
 from rl_pruner.engine.pruner import Pruner
@@ -79,22 +75,11 @@ def main() -> None:
     print(f"original: {original}")
 
     sparsified_model = copy.deepcopy(loaded.model)
-    timer = None
-    if args.max_minutes is not None:
-        timer = threading.Timer(args.max_minutes * 60, os.kill, (os.getpid(), signal.SIGINT))
-        timer.daemon = True
-        timer.start()
-    started = time.perf_counter()
-    finished = True
-    try:
-        train_sparse(sparsified_model, train_augmented, CONFIG, bn_penalty=BN_PENALTY, state_path=args.state,
-                     resume=args.resume)
-    except KeyboardInterrupt:
-        finished = False
-    finally:
-        if timer is not None:
-            timer.cancel()
-    seconds = time.perf_counter() - started
+    run = train_for_at_most(
+        lambda: train_sparse(sparsified_model, train_augmented, CONFIG, bn_penalty=BN_PENALTY,
+                             state_path=args.state, resume=args.resume),
+        args.max_minutes,
+    )
 
     progress = read_state_summary(args.state)
     sparsified = {
@@ -108,9 +93,9 @@ def main() -> None:
         "model": "cifar_resnet20", "macs_target": MACS_TARGET, "round_to": 1, "criterion": "bn_scale",
         "small_bn_scale": SMALL_BN_SCALE, "bn_images": BN_IMAGES, "train_images": len(train_augmented),
         "test_images": splits.n_test_images, "config": CONFIG.to_dict(), "bn_penalty": BN_PENALTY.to_dict(),
-        "finished": finished, "steps_done": progress["step"],
+        "finished": run.finished, "steps_done": progress["step"],
         "steps_total": CONFIG.epochs * (len(train_augmented) // CONFIG.batch_size),
-        "seconds_this_invocation": seconds, "resumed": args.resume, "state": str(args.state),
+        "seconds_this_invocation": run.seconds, "resumed": args.resume, "state": str(args.state),
         "original": original, "sparsified": sparsified,
     })
 
