@@ -16,6 +16,7 @@ from typing import Any
 
 from rl_pruner import __version__
 from rl_pruner.errors import InputError, RLPrunerError
+from rl_pruner.outputs import check_output_path
 from rl_pruner.training.cli import add_training_commands, run_training_command
 
 logger = logging.getLogger("rl_pruner")
@@ -183,15 +184,6 @@ def _emit(args: argparse.Namespace, result: dict[str, Any], report: Callable[[di
         sys.stdout.write(report(result))
 
 
-def _check_output_path(path: str, force: bool, flag: str = "--out") -> Path:
-    out = Path(path)
-    if out.exists() and not force:
-        raise InputError(f"{flag} {out} already exists; pass --force to overwrite it or choose another path")
-    if out.exists() and out.is_dir():
-        raise InputError(f"{flag} {out} is a directory; pass a file path")
-    return out
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -205,10 +197,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         # Checked before importing the commands, which load torch and take seconds.
         if args.command in ("policy", "apply"):
-            _check_output_path(args.out, args.force)
+            check_output_path(args.out, args.force)
         if args.command == "export-yaml":
             for name in ("model.yaml", "weights.pt"):
-                _check_output_path(str(Path(args.out) / name), args.force, flag=f"--out {args.out}: file")
+                check_output_path(str(Path(args.out) / name), args.force, flag=f"--out {args.out}: file")
         if args.command in ("search", "sweep"):
             _distributed_overrides(args)
             _check_search_endpoints(args)

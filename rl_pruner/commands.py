@@ -352,8 +352,8 @@ def run_export_yaml(args: argparse.Namespace) -> dict[str, Any]:
     """Write a pruned YOLOv7 as ``model.yaml`` plus ``weights.pt`` (a plain state_dict) in ``--out``."""
     import yaml
 
-    from rl_pruner.engine.serialization import atomic_write
     from rl_pruner.models.yolov7 import YOLOv7, export_yolov7
+    from rl_pruner.outputs import atomic_write
 
     if not args.model.startswith(PRUNED_PREFIX):
         raise InputError(f"--model {args.model}: export-yaml reads a pruned model; pass pruned:PATH from 'rl-pruner apply'")

@@ -134,12 +134,18 @@ def measure_latency(
     return stats
 
 
-def check_num_classes(model_outputs: int, dataset_classes: Sequence[str], data_path: str | os.PathLike[str]) -> None:
-    """Raise DataError unless the data set has as many classes as the model has outputs."""
+def check_num_classes(
+    model_outputs: int, dataset_classes: Sequence[str], data_path: str | os.PathLike[str], source: str = "--data"
+) -> None:
+    """Raise DataError unless the data set has as many classes as the model has outputs.
+
+    ``source`` names where the user gave ``data_path`` (an option, a config key), so
+    that the message names what to change.
+    """
     if len(dataset_classes) != model_outputs:
         raise DataError(
-            f"data set at {data_path} has {len(dataset_classes)} classes but the model outputs {model_outputs}; "
-            "point --data at a data set with the model's classes"
+            f"{source} {data_path} has {len(dataset_classes)} classes but the model outputs {model_outputs}; "
+            f"point {source} at a data set with the model's {model_outputs} classes"
         )
 
 

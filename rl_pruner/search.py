@@ -142,7 +142,7 @@ def prepare_data(config: SearchConfig) -> SearchData:
     if is_detector(loaded.architecture):
         return _prepare_detection_data(config, loaded)
     train = _dataset(config.data, loaded, "train", config.seed)
-    check_num_classes(loaded.num_classes, train.classes, config.data)
+    check_num_classes(loaded.num_classes, train.classes, config.data, "the config's data")
     needs_calibration = config.criterion in DATA_CRITERIA
     sizes = [config.reward_images, config.bn_images]
     if needs_calibration:
@@ -155,7 +155,7 @@ def prepare_data(config: SearchConfig) -> SearchData:
     test_batches = None
     if config.test_data:
         test = _dataset(config.test_data, loaded, "test", config.seed)
-        check_num_classes(loaded.num_classes, test.classes, config.test_data)
+        check_num_classes(loaded.num_classes, test.classes, config.test_data, "the config's test_data")
         test_batches = load_batches(test, None, config.batch_size)
     return SearchData(loaded, TopOneReward(reward_batches), bn_batches, calibration, test_batches)
 

@@ -129,8 +129,8 @@ def test_num_classes_mismatch_raises() -> None:
         check_num_classes(10, classes, "/data/pets")
 
     assert str(raised.value) == (
-        "data set at /data/pets has 7 classes but the model outputs 10; "
-        "point --data at a data set with the model's classes"
+        "--data /data/pets has 7 classes but the model outputs 10; "
+        "point --data at a data set with the model's 10 classes"
     )
 
 

@@ -234,6 +234,32 @@ def test_ctrl_c_saves_state_at_stop_step(
     assert signal.getsignal(signal.SIGINT) is handler_before
 
 
+class CtrlCInEvaluation(TrainingHooks):
+    """Presses Ctrl-C while the metrics of every epoch are computed."""
+
+    def epoch_metrics(self, model: nn.Module) -> dict[str, float]:
+        signal.raise_signal(signal.SIGINT)
+        return {}
+
+
+def test_ctrl_c_in_evaluation_stops_before_next_epoch(
+    tmp_path: Path, digits: tuple[DigitsDataset, DigitsDataset]
+) -> None:
+    torch.manual_seed(0)
+    config = TrainingConfig(epochs=2, batch_size=BATCH_SIZE)
+    state = tmp_path / "state.pt"
+    with pytest.raises(KeyboardInterrupt):
+        train(DigitsNet(), digits[0], config, hooks=CtrlCInEvaluation(), state_path=state, progress=False)
+    saved = torch.load(state, weights_only=True)
+    assert saved["step"] == len(digits[0]) // BATCH_SIZE
+    assert saved["epoch"] == 1
+
+    # In the last epoch the run is complete, so it ends normally.
+    last = train(DigitsNet(), digits[0], TrainingConfig(epochs=1, batch_size=BATCH_SIZE),
+                 hooks=CtrlCInEvaluation(), progress=False)
+    assert last.steps == len(digits[0]) // BATCH_SIZE
+
+
 def test_best_epoch_kept(
     digits: tuple[DigitsDataset, DigitsDataset], test_batches: list[tuple[Tensor, Tensor]]
 ) -> None:
@@ -521,6 +547,46 @@ def test_two_four_fine_tuning_keeps_pattern(
         assert ((groups != 0).sum(dim=1) == 2).all(), name
         assert count_two_four_violations(result.best_state_dict[f"{name}.weight"]) == 0
     assert (modules["conv1"].weight != 0).all()
+
+
+@pytest.mark.parametrize("method", ["two_four", "magnitude"])
+def test_masked_training_rejection_keeps_weights(method: str, digits: tuple[DigitsDataset, DigitsDataset]) -> None:
+    torch.manual_seed(0)
+    model = DigitsNet()
+    before = copy.deepcopy(model.state_dict())
+    three_classes = copy.copy(digits[0])
+    three_classes.classes = ["0", "1", "2"]
+    config = TrainingConfig(epochs=1, batch_size=BATCH_SIZE)
+
+    with pytest.raises(DataError, match="has 3 classes"):
+        if method == "two_four":
+            fine_tune_two_four(model, three_classes, config, progress=False)
+        else:
+            schedule = CubicSparsitySchedule(final_sparsity=0.6, initial_sparsity=0.3, begin_step=0, end_step=8)
+            train_sparse(model, three_classes, config, magnitude=schedule, progress=False)
+
+    after = model.state_dict()
+    assert set(after) == set(before)
+    for name, value in before.items():
+        assert torch.equal(after[name], value), name
+
+
+def test_masked_training_logs_plain_models(tmp_path: Path, digits: tuple[DigitsDataset, DigitsDataset]) -> None:
+    from rl_pruner.tracking import SearchTracker
+
+    torch.manual_seed(0)
+    model = DigitsNet()
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with SearchTracker(uri, "training-test") as tracker:
+        fine_tune_two_four(model, digits[0], TrainingConfig(epochs=1, batch_size=BATCH_SIZE), tracker=tracker,
+                           export_model=lambda model, path: torch.save(model.state_dict(), path), progress=False)
+
+    local = Path(tracker.client.download_artifacts(tracker.run_id, "model", str(tmp_path)))
+    for name in ("final.pt", "best.pt"):
+        state = torch.load(local / name, weights_only=True)
+        assert set(state) == set(model.state_dict()), name
+        for layer in eligible_layers(DigitsNet()):
+            assert count_two_four_violations(state[f"{layer}.weight"]) == 0, (name, layer)
 
 
 def test_two_four_rejects_ineligible_layer(digits: tuple[DigitsDataset, DigitsDataset]) -> None:

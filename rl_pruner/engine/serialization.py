@@ -23,9 +23,6 @@ key for key. The CLI reads such files as ``--model pruned:PATH``.
 
 from __future__ import annotations
 
-import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +35,7 @@ from rl_pruner.errors import CheckpointError
 from rl_pruner.models.checkpoint import read_checkpoint
 from rl_pruner.models.cifar_resnet import ZeroPadShortcut
 from rl_pruner.models.yolov7.modules import ImplicitA, ImplicitM
+from rl_pruner.outputs import atomic_write
 
 PRUNED_FORMAT = "rl-pruner-pruned-model"
 PRUNED_VERSION = 1
@@ -103,26 +101,6 @@ def pruned_model_record(
 def save_pruned_model(path: str | Path, record: dict[str, Any]) -> None:
     """Write ``record`` to ``path`` atomically: a crash never leaves a partial file."""
     atomic_write(path, lambda temporary: torch.save(record, temporary))
-
-
-def atomic_write(path: str | Path, write: Callable[[str], object]) -> None:
-    """Call ``write`` on a temporary file beside ``path``, then move it into place.
-
-    A crash or an error in ``write`` leaves any existing ``path`` unchanged.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        write(temporary)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)  # mkstemp creates files readable by the owner only
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def _resize_module(module: nn.Module, record: dict[str, Any], state: dict[str, torch.Tensor], prefix: str) -> None:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rl_pruner.errors import InputError, RLPrunerError
+from rl_pruner.outputs import check_output_path
 
 if TYPE_CHECKING:
     from torch import nn
@@ -195,7 +196,8 @@ def report_pipeline(result: dict[str, Any]) -> str:
 
 def run_finetune(args: argparse.Namespace) -> dict[str, Any]:
     """Distill the pruned ``--model`` from ``--teacher``; write the best weights to ``--out``; return a summary."""
-    out = _check_output_path(args.out, args.force)
+    out = check_output_path(args.out, args.force)
+    _check_state_path(args)
     from rl_pruner.models.registry import PRUNED_PREFIX, load_model
     from rl_pruner.training.distill import (
         DistillationSettings,
@@ -253,18 +255,24 @@ def report_finetune(result: dict[str, Any]) -> str:
 
 def run_sparsify(args: argparse.Namespace) -> dict[str, Any]:
     """Train ``--model`` with the sparsity settings; write its state dict to ``--out``; return a summary."""
-    out = _check_output_path(args.out, args.force)
+    out = check_output_path(args.out, args.force)
+    _check_state_path(args)
     if args.input_size is not None and args.input_size < 1:
         raise InputError(f"--input-size is {args.input_size}; it must be a positive number of pixels")
     from rl_pruner.models.registry import load_model
     from rl_pruner.training.sparsity import (
         BNPenaltySchedule,
         CubicSparsitySchedule,
+        batchnorm_layers,
         bn_scale_share_below,
         train_sparse,
     )
 
     config = _training_config(args)
+    if args.bn_l1_warmup < 0:
+        raise InputError(f"--bn-l1-warmup is {args.bn_l1_warmup}; pass 0 for a constant penalty or a number of steps")
+    if not 0.0 <= args.target_sparsity < 1.0:
+        raise InputError(f"--target-sparsity is {args.target_sparsity}; it must be a share of zero weights in [0, 1)")
     bn_penalty = BNPenaltySchedule(
         strength=args.bn_l1, kind="linear_warmup" if args.bn_l1_warmup > 0 else "constant",
         warmup_steps=args.bn_l1_warmup,
@@ -272,6 +280,12 @@ def run_sparsify(args: argparse.Namespace) -> dict[str, Any]:
     loaded = load_model(args.model, args.checkpoint, trust_pickle=args.trust_pickle, input_size=args.input_size)
     if loaded.pruned is not None:
         raise InputError("sparsify trains a dense model before pruning; pass a model name and --checkpoint")
+    has_batchnorm = bool(batchnorm_layers(loaded.model))
+    if not has_batchnorm and args.bn_l1 > 0:
+        raise InputError(
+            f"--model {args.model} has no batch norm with a learnable scale for --bn-l1 to act on; "
+            "pass --bn-l1 0, with --target-sparsity for magnitude masks"
+        )
     train_data = _training_dataset(args, loaded)
     test_batches = _test_loader(args, loaded)
 
@@ -287,7 +301,7 @@ def run_sparsify(args: argparse.Namespace) -> dict[str, Any]:
 
     device = _device(args.device)
     _discard_old_state(args)
-    share_before = bn_scale_share_below(loaded.model)
+    share_before = bn_scale_share_below(loaded.model) if has_batchnorm else None
     top1_before = _top1_before(loaded.model, test_batches, device, args.resume)
     with _tracker(args, "sparsify") as tracker:
         result = train_sparse(
@@ -307,19 +321,24 @@ def run_sparsify(args: argparse.Namespace) -> dict[str, Any]:
         "target_sparsity": args.target_sparsity,
         "top1_before": top1_before,
         "bn_small_share_before": share_before,
-        "bn_small_share_after": bn_scale_share_below(loaded.model),
+        "bn_small_share_after": bn_scale_share_below(loaded.model) if has_batchnorm else None,
         "zero_weight_share": _zero_weight_share(loaded.model),
     }
 
 
 def report_sparsify(result: dict[str, Any]) -> str:
-    before = 100 * result["bn_small_share_before"]
-    after = 100 * result["bn_small_share_after"]
     lines = [
-        f"trained {result['model']} with batch-norm L1 {result['bn_l1']:g} for {_epochs(result)} -> {result['out']}",
-        f"batch-norm scales below 1e-2: {before:.1f} % before, {after:.1f} % after",
+        f"trained {result['model']} with batch-norm L1 {result['bn_l1']:g} for {_epochs(result)} -> {result['out']}"
+    ]
+    criterion = "l1"
+    if result["bn_small_share_before"] is not None:
+        before = 100 * result["bn_small_share_before"]
+        after = 100 * result["bn_small_share_after"]
+        lines.append(f"batch-norm scales below 1e-2: {before:.1f} % before, {after:.1f} % after")
+        criterion = "bn_scale"
+    lines += [
         f"zero weights in convolutions and linear layers: {100 * result['zero_weight_share']:.1f} %",
-        f"make a policy for it with --model {result['model']} --checkpoint {result['out']} --criterion bn_scale",
+        f"make a policy for it with --model {result['model']} --checkpoint {result['out']} --criterion {criterion}",
     ]
     lines += _report_history(result)
     return "\n".join(lines) + "\n"
@@ -331,8 +350,13 @@ def _load_teacher(args: argparse.Namespace, student: LoadedModel) -> LoadedModel
     from rl_pruner.models.registry import load_model
 
     try:
-        return load_model(student.architecture, args.teacher, trust_pickle=args.trust_pickle)
+        # The student's record stores the input size it was pruned at, and the teacher must take the same.
+        return load_model(student.architecture, args.teacher, trust_pickle=args.trust_pickle,
+                          input_size=student.input_shape[-1])
     except CheckpointError as err:
+        if "--trust-pickle" in str(err):
+            # That fix (re-save the state_dict, or --trust-pickle) applies to --teacher unchanged.
+            raise CheckpointError(f"--teacher {args.teacher}: {err}") from err
         # The loader's own fix names --checkpoint or --model, which finetune reads differently,
         # so only the problem before the last "; " is kept.
         problem = str(err).rpartition("; ")[0] or str(err)
@@ -344,17 +368,41 @@ def _load_teacher(args: argparse.Namespace, student: LoadedModel) -> LoadedModel
 
 # Shared steps
 
-def _check_output_path(path: str, force: bool) -> Path:
-    out = Path(path)
-    if out.exists() and out.is_dir():
-        raise InputError(f"--out {out} is a directory; pass a file path")
-    if out.exists() and not force:
-        raise InputError(f"--out {out} already exists; pass --force to overwrite it or choose another path")
-    return out
-
-
 def _state_path(args: argparse.Namespace) -> Path:
     return Path(args.state) if args.state else Path(args.out + STATE_SUFFIX)
+
+
+def _check_state_path(args: argparse.Namespace) -> None:
+    """Raise InputError when --state is another input's file, or does not fit --resume and --force.
+
+    Without --resume an existing state is deleted only with --force, and only once it
+    reads as a training state, so a mistyped --state never deletes a checkpoint.
+    """
+    from rl_pruner.errors import CheckpointError
+    from rl_pruner.training.loop import read_state_summary
+
+    state = _state_path(args)
+    for flag in ("out", "checkpoint", "teacher"):
+        value = getattr(args, flag, None)
+        if value is not None and Path(value).resolve() == state.resolve():
+            raise InputError(f"--state {state} is also the --{flag} file; pass another path to --state")
+    if args.resume:
+        if not state.is_file():
+            raise InputError(f"--resume: training state {state} not found; start a new run without --resume")
+        return
+    if not state.exists():
+        return
+    if not args.force:
+        raise InputError(
+            f"training state {state} of an earlier run exists; pass --resume to continue it or --force to start over"
+        )
+    try:
+        read_state_summary(state)
+    except CheckpointError as err:
+        raise InputError(
+            f"--state {state} exists but is not a training state saved by rl-pruner, and --force deletes only "
+            "those; pass another path to --state"
+        ) from err
 
 
 def _discard_old_state(args: argparse.Namespace) -> None:
@@ -380,6 +428,7 @@ def _training_dataset(args: argparse.Namespace, loaded: LoadedModel) -> Dataset:
     from torch.utils.data import Subset
 
     from rl_pruner.data import build_image_folder, open_dataset, subset_indices
+    from rl_pruner.evaluation import check_num_classes
 
     if args.limit is not None and args.limit < 1:
         raise InputError(f"--limit is {args.limit}; it must be a positive number of images")
@@ -390,7 +439,7 @@ def _training_dataset(args: argparse.Namespace, loaded: LoadedModel) -> Dataset:
     else:
         dataset = build_image_folder(args.data, image_size=loaded.image_size, normalization=loaded.normalization,
                                      augment=not args.no_augment)
-    _check_classes(dataset, loaded, "--data", args.data)
+    check_num_classes(loaded.num_classes, dataset.classes, args.data, "--data")
     _check_image_shape(dataset, loaded, "--data", args.data)
     if args.limit is None:
         return dataset
@@ -401,24 +450,13 @@ def _test_loader(args: argparse.Namespace, loaded: LoadedModel) -> DataLoader | 
     if args.test_data is None:
         return None
     from rl_pruner.data import make_loader, open_dataset
+    from rl_pruner.evaluation import check_num_classes
 
     dataset = open_dataset(args.test_data, image_size=loaded.image_size, normalization=loaded.normalization,
                            split="test", seed=args.seed)
-    _check_classes(dataset, loaded, "--test-data", args.test_data)
+    check_num_classes(loaded.num_classes, dataset.classes, args.test_data, "--test-data")
     _check_image_shape(dataset, loaded, "--test-data", args.test_data)
     return make_loader(dataset, batch_size=args.batch_size, num_workers=args.data_workers)
-
-
-def _check_classes(dataset: Dataset, loaded: LoadedModel, flag: str, path: str) -> None:
-    """Raise DataError unless ``dataset`` has as many classes as the model has outputs."""
-    from rl_pruner.errors import DataError
-
-    n_classes = len(dataset.classes)
-    if n_classes != loaded.num_classes:
-        raise DataError(
-            f"{flag} {path} has {n_classes} classes but the model outputs {loaded.num_classes}; "
-            f"point {flag} at a data set with the model's {loaded.num_classes} classes"
-        )
 
 
 def _check_image_shape(dataset: Dataset, loaded: LoadedModel, flag: str, path: str) -> None:
@@ -489,6 +527,11 @@ def _tracker(args: argparse.Namespace, command: str) -> SearchTracker | _NoTrack
 
 def _run_settings(args: argparse.Namespace, tracker: SearchTracker | None) -> dict[str, Any]:
     settings: dict[str, Any] = {"data": str(args.data), "limit": args.limit, "augment": not args.no_augment}
+    # A resumption that changes these would mix two runs (or keep a best epoch from other test data).
+    for key in ("test_data", "teacher", "input_size"):
+        value = getattr(args, key, None)
+        if value is not None:
+            settings[key] = str(value)
     if tracker is not None:
         settings[TRACKING_RUN_KEY] = tracker.run_id
     return settings

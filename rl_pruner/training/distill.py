@@ -29,7 +29,6 @@ from torch.nn.utils import parametrize
 from torch.utils.data import Dataset
 
 from rl_pruner.errors import InputError
-from rl_pruner.evaluation import check_num_classes
 from rl_pruner.models.cifar_resnet import ZeroPadShortcut
 from rl_pruner.models.registry import LoadedModel, output_size
 from rl_pruner.training.loop import (
@@ -202,9 +201,6 @@ def distill(
     """
     distillation = distillation or DistillationSettings()
     check_student_structure(student, teacher)
-    classes = getattr(train_data, "classes", None)
-    if classes is not None:
-        check_num_classes(output_size(student), classes, getattr(train_data, "root", "the training data"))
 
     return train(
         student, train_data, config, loss_fn=DistillationLoss(distillation), teacher=teacher, hooks=hooks, test_batches=test_batches,

@@ -32,7 +32,6 @@ import contextlib
 import copy
 import logging
 import math
-import os
 import random
 import signal
 import tempfile
@@ -51,8 +50,10 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from rl_pruner.errors import CheckpointError, InputError
-from rl_pruner.evaluation import evaluate_top1
+from rl_pruner.evaluation import check_num_classes, evaluate_top1
 from rl_pruner.models.checkpoint import read_checkpoint
+from rl_pruner.models.registry import output_size
+from rl_pruner.outputs import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -237,6 +238,8 @@ def train(
     ``loss_fn`` receives its logits. ``settings`` are extra values that define the run
     (a loss temperature, a penalty strength). They are logged with the config and
     stored in the resume state, and a resumption with other values is rejected.
+    Raises DataError when ``train_data`` has a ``classes`` list whose length differs
+    from the model's outputs.
 
     A fresh run seeds torch, NumPy and Python's ``random`` with ``config.seed``. It
     raises InputError when ``state_path`` already exists, so an earlier run is never
@@ -249,6 +252,9 @@ def train(
     epoch with the epoch (from 1) as the step. With an ``export_model`` as well, the
     final and best models are logged as the artifacts ``model/final.pt`` and ``model/best.pt``.
     """
+    classes = getattr(train_data, "classes", None)
+    if classes is not None:
+        check_num_classes(output_size(model), classes, getattr(train_data, "root", "(no path)"), "the training data")
     device = torch.device(device)
     run_settings = {**config.to_dict(), **(settings or {})}
     autocast_dtype = resolve_precision(config.precision, device)
@@ -295,6 +301,9 @@ def train(
             while position.epoch < config.epochs:
                 run.train_epoch(train_data, steps_per_epoch, bar, stop_requested)
                 run.finish_epoch(test_batches, progress)
+                # Ctrl-C during the evaluation stops before the next epoch; after the last one the run is complete.
+                if stop_requested() and position.epoch < config.epochs:
+                    run.stop()
     finally:
         bar.close()
 
@@ -305,7 +314,7 @@ def train(
     )
     best_state = position.best_state_dict if position.best_state_dict is not None else _cpu_state(model)
     if tracker is not None and export_model is not None:
-        _log_models(tracker, export_model, model, best_state)
+        log_models(tracker, export_model, model, best_state)
     return TrainingResult(
         history=list(position.history), steps=position.step, best_epoch=position.best_epoch,
         best_top1=position.best_top1, best_state_dict=best_state,
@@ -352,12 +361,16 @@ class _Run:
                             refresh=False)
 
             if stop_requested():
-                self.save_state()
-                where = f"; continue it from {self.state_file} with resume" if self.state_file else ""
-                logger.warning("training stopped at step %d of epoch %d%s", position.step, position.epoch + 1, where)
-                raise KeyboardInterrupt
+                self.stop()
             if self.state_file is not None and position.step % self.config.checkpoint_every == 0:
                 self.save_state()
+
+    def stop(self) -> None:
+        """Save the state and raise KeyboardInterrupt, as Ctrl-C requested."""
+        self.save_state()
+        where = f"; continue it from {self.state_file} with resume" if self.state_file else ""
+        logger.warning("training stopped after step %d%s", self.position.step, where)
+        raise KeyboardInterrupt
 
     def train_step(self, images: Tensor, labels: Tensor) -> float:
         memory_format = torch.channels_last if self.config.channels_last else torch.preserve_format
@@ -400,6 +413,7 @@ class _Run:
             position.best_state_dict = _cpu_state(self.model)
         elif top1 is None:
             position.best_epoch = epoch
+            position.best_top1 = None
             position.best_state_dict = None
         position.history.append({"epoch": float(epoch), **metrics})
         position.epoch += 1
@@ -582,28 +596,14 @@ def _set_rng_states(states: Mapping[str, Any]) -> None:
 
 
 def save_atomically(path: str | Path, record: Mapping[str, Any]) -> None:
-    """Write ``record`` with ``torch.save`` so that a crash never leaves a partial file at ``path``.
-
-    The file gets the permissions of a new file under the current umask.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        torch.save(dict(record), temporary)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)  # mkstemp creates files readable by the owner only
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    """Write ``record`` with ``torch.save`` so that a crash never leaves a partial file at ``path``."""
+    atomic_write(path, lambda temporary: torch.save(dict(record), temporary))
 
 
-def _log_models(
+def log_models(
     tracker: MetricsTracker, export_model: ModelExporter, model: nn.Module, best_state: dict[str, Tensor]
 ) -> None:
+    """Log ``model`` and a copy with ``best_state`` as the artifacts ``model/final.pt`` and ``model/best.pt``."""
     with tempfile.TemporaryDirectory() as directory:
         final_path = Path(directory) / "final.pt"
         export_model(model, final_path)

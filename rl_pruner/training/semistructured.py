@@ -39,8 +39,6 @@ from torch.nn.utils import parametrize
 from torch.utils.data import Dataset
 
 from rl_pruner.errors import InputError
-from rl_pruner.evaluation import check_num_classes
-from rl_pruner.models.registry import output_size
 from rl_pruner.training.distill import DistillationLoss, DistillationSettings
 from rl_pruner.training.loop import (
     Batch,
@@ -50,13 +48,8 @@ from rl_pruner.training.loop import (
     TrainingConfig,
     TrainingResult,
     cross_entropy_loss,
-    train,
 )
-from rl_pruner.training.sparsity import (
-    attach_weight_masks,
-    remove_weight_masks,
-    state_dict_without_masks,
-)
+from rl_pruner.training.sparsity import attach_weight_masks, remove_weight_masks, train_with_masks
 
 logger = logging.getLogger(__name__)
 
@@ -117,8 +110,8 @@ def two_four_mask(weight: Tensor) -> Tensor:
     return mask.view_as(weight)
 
 
-def attach_two_four_masks(model: nn.Module, layers: Sequence[str] | None = None) -> list[str]:
-    """Mask ``layers`` (default: every eligible layer) with their 2:4 masks and hold them; return the names.
+def two_four_masks(model: nn.Module, layers: Sequence[str] | None = None) -> dict[str, Tensor]:
+    """Return the 2:4 mask of each of ``layers`` (default: every eligible layer), by layer name.
 
     Raises InputError for a named layer that is missing or not eligible.
     """
@@ -132,10 +125,18 @@ def attach_two_four_masks(model: nn.Module, layers: Sequence[str] | None = None)
         )
     if not names:
         raise InputError("the model has no layer that can take a 2:4 mask")
-    masks = {name: two_four_mask(modules[name].weight) for name in names}
+    return {name: two_four_mask(modules[name].weight) for name in names}
+
+
+def attach_two_four_masks(model: nn.Module, layers: Sequence[str] | None = None) -> list[str]:
+    """Mask ``layers`` (default: every eligible layer) with their 2:4 masks and hold them; return the names.
+
+    Raises InputError for a named layer that is missing or not eligible.
+    """
+    masks = two_four_masks(model, layers)
     attach_weight_masks(model, masks, straight_through=False)
-    logger.info("attached 2:4 masks to %d layers", len(names))
-    return names
+    logger.info("attached 2:4 masks to %d layers", len(masks))
+    return list(masks)
 
 
 def fine_tune_two_four(
@@ -164,27 +165,21 @@ def fine_tune_two_four(
     the model's outputs. Resumption, Ctrl-C and MLflow logging are as in
     :func:`rl_pruner.training.loop.train`.
     """
-    classes = getattr(train_data, "classes", None)
-    if classes is not None:
-        check_num_classes(output_size(model), classes, getattr(train_data, "root", "the training data"))
-    names = attach_two_four_masks(model, layers)
-    settings: dict[str, object] = {"two_four.layers": ",".join(names)}
+    masks = two_four_masks(model, layers)
+    settings: dict[str, object] = {"two_four.layers": ",".join(masks)}
     loss_fn: LossFunction = cross_entropy_loss
     if teacher is not None:
         distillation = distillation or DistillationSettings()
         settings.update(distillation.to_dict())
         loss_fn = DistillationLoss(distillation)
 
-    try:
-        result = train(
-            model, train_data, config, loss_fn=loss_fn, teacher=teacher, test_batches=test_batches,
-            state_path=state_path, resume=resume, tracker=tracker, export_model=export_model,
-            settings=settings, device=device, progress=progress, description="2:4 fine-tuning",
-        )
-    finally:
-        remove_weight_masks(model)
-    result.best_state_dict = state_dict_without_masks(result.best_state_dict)
-    return result
+    logger.info("attaching 2:4 masks to %d layers", len(masks))
+    return train_with_masks(
+        model, masks, train_data, config, straight_through=False, loss_fn=loss_fn, teacher=teacher,
+        test_batches=test_batches, state_path=state_path, resume=resume, tracker=tracker,
+        export_model=export_model, settings=settings, device=device, progress=progress,
+        description="2:4 fine-tuning",
+    )
 
 
 def count_two_four_violations(weight: Tensor) -> int:

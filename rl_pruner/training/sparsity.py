@@ -33,9 +33,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.utils.data import Dataset
 
-from rl_pruner.errors import InputError
-from rl_pruner.evaluation import check_num_classes
-from rl_pruner.models.registry import output_size
+from rl_pruner.errors import InputError, RLPrunerError
 from rl_pruner.training.loop import (
     Batch,
     MetricsTracker,
@@ -43,6 +41,7 @@ from rl_pruner.training.loop import (
     TrainingConfig,
     TrainingHooks,
     TrainingResult,
+    log_models,
     train,
 )
 
@@ -349,10 +348,8 @@ def train_sparse(
     model's outputs. ``settings`` and the other keyword arguments go to
     :func:`rl_pruner.training.loop.train`, which handles resumption, Ctrl-C and MLflow logging.
     """
-    classes = getattr(train_data, "classes", None)
-    if classes is not None:
-        check_num_classes(output_size(model), classes, getattr(train_data, "root", "the training data"))
     run_settings: dict[str, Any] = dict(settings or {})
+    masks: dict[str, Tensor] = {}
     if bn_penalty is not None:
         run_settings.update(bn_penalty.to_dict())
     if magnitude is not None:
@@ -362,19 +359,50 @@ def train_sparse(
         if missing:
             raise InputError(f"layers to mask {missing[:3]} are not in the model; name convolutions or linear layers")
         masks = {name: magnitude_mask(modules[name].weight, magnitude.initial_sparsity) for name in names}
-        attach_weight_masks(model, masks, straight_through=True)
         run_settings.update(magnitude.to_dict())
         run_settings["magnitude.layers"] = ",".join(names)
 
+    return train_with_masks(
+        model, masks, train_data, config, straight_through=True,
+        hooks=SparsityHooks(bn_penalty, magnitude), test_batches=test_batches, state_path=state_path,
+        resume=resume, tracker=tracker, export_model=export_model, settings=run_settings, device=device,
+        progress=progress, description="sparsity training",
+    )
+
+
+def train_with_masks(
+    model: nn.Module,
+    masks: Mapping[str, Tensor],
+    train_data: Dataset,
+    config: TrainingConfig,
+    *,
+    straight_through: bool,
+    export_model: ModelExporter | None = None,
+    **train_arguments: Any,
+) -> TrainingResult:
+    """Attach ``masks`` to ``model``, train it with :func:`rl_pruner.training.loop.train`, and write the masks in.
+
+    When training ends, or stops on Ctrl-C or an error in a step, the masked weights are
+    written into the layers and the masks removed, so the model and ``best_state_dict``
+    have plain weights. The models given to ``export_model`` have no masks either. Bad
+    input that ``train`` rejects before its first step (an RLPrunerError: data, resume
+    state) leaves the model's weights as they were. ``train_arguments`` go to ``train``.
+    """
+    original = {name: value.detach().clone() for name, value in model.state_dict().items()}
+    attach_weight_masks(model, masks, straight_through=straight_through)
     try:
-        result = train(
-            model, train_data, config, hooks=SparsityHooks(bn_penalty, magnitude), test_batches=test_batches,
-            state_path=state_path, resume=resume, tracker=tracker, export_model=export_model,
-            settings=run_settings, device=device, progress=progress, description="sparsity training",
-        )
+        # The models are logged here, once the masks are written in, not by train().
+        result = train(model, train_data, config, **train_arguments)
+    except RLPrunerError:
+        remove_weight_masks(model)
+        model.load_state_dict(original)
+        raise
     finally:
         remove_weight_masks(model)
     result.best_state_dict = state_dict_without_masks(result.best_state_dict)
+    tracker = train_arguments.get("tracker")
+    if tracker is not None and export_model is not None:
+        log_models(tracker, export_model, model, result.best_state_dict)
     return result
 
 
