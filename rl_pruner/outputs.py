@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from rl_pruner.errors import InputError
@@ -30,6 +30,16 @@ def check_output_path(path: str | Path, force: bool, flag: str = "--out") -> Pat
                 raise InputError(f"{flag} {out}: {parent} is a file, not a directory; choose a path in a directory")
             break
     return out
+
+
+def check_distinct_files(files: Mapping[str, Path]) -> None:
+    """Raise InputError when two of ``files`` (by option name) are the same file, so no output replaces an input."""
+    seen: dict[Path, str] = {}
+    for flag, path in files.items():
+        resolved = path.resolve()
+        if resolved in seen:
+            raise InputError(f"{flag} {path} is also the {seen[resolved]} file; pass another path to {flag}")
+        seen[resolved] = flag
 
 
 def atomic_write(path: str | Path, write: Callable[[str], object]) -> None:

@@ -282,3 +282,87 @@ def test_resume_with_other_test_data_rejected(tmp_path: Path, capsys: pytest.Cap
     assert err.count("\n") == 1
     assert "was saved with other settings (test_data 'builtin:digits' -> None)" in err
     assert out.read_bytes() == written
+
+
+@pytest.mark.parametrize("clash", ["teacher", "model"])
+def test_finetune_out_never_replaces_an_input(
+    clash: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dense, pruned = _dense_and_pruned(tmp_path, "digits_cnn")
+    target = dense if clash == "teacher" else pruned
+    before = target.read_bytes()
+    args = _digits_finetune(pruned, dense, target)
+    args.force = True
+
+    assert run_training_command(args) == 2
+    assert capsys.readouterr().err == (
+        f"rl-pruner: error: --out {target} is also the --{clash} file; pass another path to --out\n"
+    )
+    assert target.read_bytes() == before
+
+
+def test_state_below_a_file_rejected_before_training(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    dense, _ = _dense_and_pruned(tmp_path, "digits_cnn")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a directory\n")
+    out = tmp_path / "out.pt"
+
+    assert run_training_command(_digits_sparsify(dense, out, "--state", f"{notes}/run.state")) == 2
+    assert capsys.readouterr().err == (
+        f"rl-pruner: error: --state {notes}/run.state: {notes} is a file, not a directory; "
+        "choose a path in a directory\n"
+    )
+    assert notes.read_text() == "not a directory\n"
+    assert not out.exists()
+
+
+def test_resume_of_file_that_is_not_a_state_names_state(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dense, _ = _dense_and_pruned(tmp_path, "digits_cnn")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a training state\n")
+
+    assert run_training_command(_digits_sparsify(dense, tmp_path / "out.pt", "--state", str(notes), "--resume")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith(f"rl-pruner: error: --state {notes}: checkpoint {notes} is not a PyTorch checkpoint")
+
+
+def test_resume_accepts_another_spelling_of_a_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    dense, pruned = _dense_and_pruned(tmp_path, "digits_cnn")
+    out = tmp_path / "out.pt"
+    assert run_training_command(_digits_finetune(pruned, dense, out)) == 0
+    capsys.readouterr()
+
+    args = _digits_finetune(pruned, tmp_path / "." / dense.name, out)
+    args.resume = args.force = True
+    assert run_training_command(args) == 0, capsys.readouterr().err
+
+
+def test_sparsify_with_masks_keeps_last_epoch(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    dense, _ = _dense_and_pruned(tmp_path, "digits_cnn")
+    out = tmp_path / "out.pt"
+    args = _digits_sparsify(dense, out, "--bn-l1", "0", "--target-sparsity", "0.9", "--sparsity-end", "1.0",
+                            "--mask-update-every", "1", "--epochs", "2", "--test-data", "builtin:digits", "--json")
+
+    assert run_training_command(args) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["best_epoch"] == 2
+    assert summary["best_top1"] == summary["history"][-1]["eval/top1"]
+    state = torch.load(out, weights_only=True)
+    model = load_model("digits_cnn").model
+    model.load_state_dict(state)
+    assert summary["zero_weight_share"] > 0.5
+
+
+def test_sparsify_rejects_pruned_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    dense, pruned = _dense_and_pruned(tmp_path, "digits_cnn")
+    args = _parse("sparsify", "--model", f"pruned:{pruned}", "--checkpoint", str(dense), "--data", "builtin:digits",
+                  "--epochs", "1", "--out", str(tmp_path / "out.pt"))
+
+    assert run_training_command(args) == 2
+    assert capsys.readouterr().err == (
+        f"rl-pruner: error: --model is 'pruned:{pruned}'; sparsify trains a dense model before pruning, "
+        "so pass a model name with its --checkpoint\n"
+    )

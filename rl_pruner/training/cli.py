@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rl_pruner.errors import InputError, RLPrunerError
-from rl_pruner.outputs import check_output_path
+from rl_pruner.outputs import check_distinct_files, check_output_path
 
 if TYPE_CHECKING:
     from torch import nn
@@ -162,10 +162,11 @@ def run_training_command(args: argparse.Namespace) -> int:
             sys.stderr.write(args.interrupt_message)
             return 130
         state = _state_path(args)
-        sys.stderr.write(
-            f"rl-pruner: interrupted; once training has started, its state is saved in {state}. "
-            "Continue it by running the same command with --resume\n"
-        )
+        if state.is_file():
+            sys.stderr.write(f"rl-pruner: interrupted; the training state is saved in {state}. "
+                             "Continue it by running the same command with --resume\n")
+        else:
+            sys.stderr.write("rl-pruner: interrupted before training started; nothing was saved\n")
         return 130
     if args.json:
         sys.stdout.write(json.dumps(result, default=str) + "\n")
@@ -259,7 +260,7 @@ def run_sparsify(args: argparse.Namespace) -> dict[str, Any]:
     _check_state_path(args)
     if args.input_size is not None and args.input_size < 1:
         raise InputError(f"--input-size is {args.input_size}; it must be a positive number of pixels")
-    from rl_pruner.models.registry import load_model
+    from rl_pruner.models.registry import PRUNED_PREFIX, load_model
     from rl_pruner.training.sparsity import (
         BNPenaltySchedule,
         CubicSparsitySchedule,
@@ -277,9 +278,12 @@ def run_sparsify(args: argparse.Namespace) -> dict[str, Any]:
         strength=args.bn_l1, kind="linear_warmup" if args.bn_l1_warmup > 0 else "constant",
         warmup_steps=args.bn_l1_warmup,
     )
+    if args.model.startswith(PRUNED_PREFIX):
+        raise InputError(
+            f"--model is {args.model!r}; sparsify trains a dense model before pruning, so pass a model name "
+            "with its --checkpoint"
+        )
     loaded = load_model(args.model, args.checkpoint, trust_pickle=args.trust_pickle, input_size=args.input_size)
-    if loaded.pruned is not None:
-        raise InputError("sparsify trains a dense model before pruning; pass a model name and --checkpoint")
     has_batchnorm = bool(batchnorm_layers(loaded.model))
     if not has_batchnorm and args.bn_l1 > 0:
         raise InputError(
@@ -309,7 +313,11 @@ def run_sparsify(args: argparse.Namespace) -> dict[str, Any]:
             test_batches=test_batches, state_path=_state_path(args), resume=args.resume, tracker=tracker,
             export_model=_save_state_dict, settings=_run_settings(args, tracker), device=device,
         )
-        loaded.model.load_state_dict(result.best_state_dict)
+        if magnitude is None:
+            loaded.model.load_state_dict(result.best_state_dict)
+        else:
+            # An earlier epoch may score better but has not reached the target sparsity, so the last one is kept.
+            result.best_epoch, result.best_top1 = config.epochs, result.final_top1
         _save_state_dict(loaded.model, out)
     return {
         **_summary(args, result, config, tracker),
@@ -330,12 +338,11 @@ def report_sparsify(result: dict[str, Any]) -> str:
     lines = [
         f"trained {result['model']} with batch-norm L1 {result['bn_l1']:g} for {_epochs(result)} -> {result['out']}"
     ]
-    criterion = "l1"
     if result["bn_small_share_before"] is not None:
         before = 100 * result["bn_small_share_before"]
         after = 100 * result["bn_small_share_after"]
         lines.append(f"batch-norm scales below 1e-2: {before:.1f} % before, {after:.1f} % after")
-        criterion = "bn_scale"
+    criterion = "bn_scale" if result["bn_l1"] > 0 else "l1"
     lines += [
         f"zero weights in convolutions and linear layers: {100 * result['zero_weight_share']:.1f} %",
         f"make a policy for it with --model {result['model']} --checkpoint {result['out']} --criterion {criterion}",
@@ -381,14 +388,19 @@ def _check_state_path(args: argparse.Namespace) -> None:
     from rl_pruner.errors import CheckpointError
     from rl_pruner.training.loop import read_state_summary
 
-    state = _state_path(args)
-    for flag in ("out", "checkpoint", "teacher"):
-        value = getattr(args, flag, None)
-        if value is not None and Path(value).resolve() == state.resolve():
-            raise InputError(f"--state {state} is also the --{flag} file; pass another path to --state")
+    state = check_output_path(_state_path(args), force=True, flag="--state")
+    # Inputs first, so that a clash names the output to change.
+    files = {f"--{flag}": Path(getattr(args, flag)) for flag in ("checkpoint", "teacher") if getattr(args, flag, None)}
+    if str(args.model).startswith("pruned:"):
+        files["--model"] = Path(args.model.removeprefix("pruned:"))
+    check_distinct_files({**files, "--out": Path(args.out), "--state": state})
     if args.resume:
         if not state.is_file():
             raise InputError(f"--resume: training state {state} not found; start a new run without --resume")
+        try:
+            read_state_summary(state)
+        except CheckpointError as err:
+            raise InputError(f"--state {state}: {err}") from err
         return
     if not state.exists():
         return
@@ -526,15 +538,21 @@ def _tracker(args: argparse.Namespace, command: str) -> SearchTracker | _NoTrack
 
 
 def _run_settings(args: argparse.Namespace, tracker: SearchTracker | None) -> dict[str, Any]:
-    settings: dict[str, Any] = {"data": str(args.data), "limit": args.limit, "augment": not args.no_augment}
+    settings: dict[str, Any] = {"data": _same_path(args.data), "limit": args.limit, "augment": not args.no_augment}
     # A resumption that changes these would mix two runs (or keep a best epoch from other test data).
-    for key in ("test_data", "teacher", "input_size"):
-        value = getattr(args, key, None)
-        if value is not None:
-            settings[key] = str(value)
+    for key in ("test_data", "teacher"):
+        if getattr(args, key, None) is not None:
+            settings[key] = _same_path(getattr(args, key))
+    if getattr(args, "input_size", None) is not None:
+        settings["input_size"] = str(args.input_size)
     if tracker is not None:
         settings[TRACKING_RUN_KEY] = tracker.run_id
     return settings
+
+
+def _same_path(value: str) -> str:
+    """Return ``value`` as an absolute path, so that ``data``, ``./data/`` and ``$PWD/data`` compare equal."""
+    return value if value.startswith("builtin:") else str(Path(value).resolve())
 
 
 def _zero_weight_share(model: nn.Module) -> float:
