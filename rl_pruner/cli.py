@@ -210,8 +210,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         # Checked before importing the commands, which load torch and take seconds.
         if args.command in ("policy", "apply"):
-            check_output_path(args.out, args.force)
+            # An --out that is an input is refused even with --force, so that check comes first.
             check_distinct_files({**_input_files(args), "--out": Path(args.out)})
+            check_output_path(args.out, args.force)
         if args.command == "export-yaml":
             for name in ("model.yaml", "weights.pt"):
                 check_output_path(str(Path(args.out) / name), args.force, flag=f"--out {args.out}: file")

@@ -292,13 +292,14 @@ def test_finetune_out_never_replaces_an_input(
     target = dense if clash == "teacher" else pruned
     before = target.read_bytes()
     args = _digits_finetune(pruned, dense, target)
-    args.force = True
+    for force in (False, True):
+        args.force = force
 
-    assert run_training_command(args) == 2
-    assert capsys.readouterr().err == (
-        f"rl-pruner: error: --out {target} is also the --{clash} file; pass another path to --out\n"
-    )
-    assert target.read_bytes() == before
+        assert run_training_command(args) == 2
+        assert capsys.readouterr().err == (
+            f"rl-pruner: error: --out {target} is also the --{clash} file; pass another path to --out\n"
+        )
+        assert target.read_bytes() == before
 
 
 def test_state_below_a_file_rejected_before_training(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -197,6 +197,7 @@ def report_pipeline(result: dict[str, Any]) -> str:
 
 def run_finetune(args: argparse.Namespace) -> dict[str, Any]:
     """Distill the pruned ``--model`` from ``--teacher``; write the best weights to ``--out``; return a summary."""
+    _check_no_input_replaced(args)
     out = check_output_path(args.out, args.force)
     _check_state_path(args)
     from rl_pruner.models.registry import PRUNED_PREFIX, load_model
@@ -256,6 +257,7 @@ def report_finetune(result: dict[str, Any]) -> str:
 
 def run_sparsify(args: argparse.Namespace) -> dict[str, Any]:
     """Train ``--model`` with the sparsity settings; write its state dict to ``--out``; return a summary."""
+    _check_no_input_replaced(args)
     out = check_output_path(args.out, args.force)
     _check_state_path(args)
     if args.input_size is not None and args.input_size < 1:
@@ -379,8 +381,17 @@ def _state_path(args: argparse.Namespace) -> Path:
     return Path(args.state) if args.state else Path(args.out + STATE_SUFFIX)
 
 
+def _check_no_input_replaced(args: argparse.Namespace) -> None:
+    """Raise InputError when --out or --state is the file of an input, even with --force."""
+    # Inputs first, so that a clash names the output to change.
+    files = {f"--{flag}": Path(getattr(args, flag)) for flag in ("checkpoint", "teacher") if getattr(args, flag, None)}
+    if str(args.model).startswith("pruned:"):
+        files["--model"] = Path(args.model.removeprefix("pruned:"))
+    check_distinct_files({**files, "--out": Path(args.out), "--state": _state_path(args)})
+
+
 def _check_state_path(args: argparse.Namespace) -> None:
-    """Raise InputError when --state is another input's file, or does not fit --resume and --force.
+    """Raise InputError when --state is not a writable file path, or does not fit --resume and --force.
 
     Without --resume an existing state is deleted only with --force, and only once it
     reads as a training state, so a mistyped --state never deletes a checkpoint.
@@ -389,11 +400,6 @@ def _check_state_path(args: argparse.Namespace) -> None:
     from rl_pruner.training.loop import read_state_summary
 
     state = check_output_path(_state_path(args), force=True, flag="--state")
-    # Inputs first, so that a clash names the output to change.
-    files = {f"--{flag}": Path(getattr(args, flag)) for flag in ("checkpoint", "teacher") if getattr(args, flag, None)}
-    if str(args.model).startswith("pruned:"):
-        files["--model"] = Path(args.model.removeprefix("pruned:"))
-    check_distinct_files({**files, "--out": Path(args.out), "--state": state})
     if args.resume:
         if not state.is_file():
             raise InputError(f"--resume: training state {state} not found; start a new run without --resume")
