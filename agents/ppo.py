@@ -17,6 +17,7 @@ from typing import Any
 import gymnasium as gym
 from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.logger import Logger
 from stable_baselines3.common.vec_env import VecEnv
 
 from rl_pruner.config import PPOConfig
@@ -38,7 +39,7 @@ def build_ppo(env: gym.Env | VecEnv, config: PPOConfig, *, seed: int, episode_le
     # no minibatch is truncated.
     rollout = n_steps * n_envs
     batch_size = max(size for size in range(1, min(config.batch_size, rollout) + 1) if rollout % size == 0)
-    return PPO(
+    agent = PPO(
         "MlpPolicy",
         env,
         learning_rate=config.learning_rate,
@@ -56,11 +57,25 @@ def build_ppo(env: gym.Env | VecEnv, config: PPOConfig, *, seed: int, episode_le
         device="cpu",
         verbose=0,
     )
+    _set_quiet_logger(agent)
+    return agent
 
 
 def load_ppo(path: str | Path, env: gym.Env | VecEnv) -> PPO:
     """Load an agent saved with ``PPO.save`` and attach ``env`` to it."""
-    return PPO.load(str(path), env=env, device="cpu")
+    agent = PPO.load(str(path), env=env, device="cpu")
+    _set_quiet_logger(agent)
+    return agent
+
+
+def _set_quiet_logger(agent: PPO) -> None:
+    """Give ``agent`` a logger that writes nowhere.
+
+    Without a logger of its own, every ``learn()`` call makes stable-baselines3 create
+    an empty ``SB3-<time>`` folder in the system temporary directory, even at
+    ``verbose=0``. The search logs what it needs to MLflow itself.
+    """
+    agent.set_logger(Logger(folder=None, output_formats=[]))
 
 
 class EpisodeCallback(BaseCallback):

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -195,10 +196,15 @@ def test_demo_command_end_to_end(tmp_path: Path) -> None:
     assert 0.0 < summary["pruned_test_top1"] <= 100.0
 
 
-def test_same_seed_reproduces_search_episodes(workdir: Path) -> None:
+def test_same_seed_reproduces_search_episodes(workdir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from rl_pruner.agents.ppo import EpisodeCallback, build_ppo
     from rl_pruner.config import load_config
     from rl_pruner.search import build_env, prepare_data
+
+    # stable-baselines3's default logger makes an empty SB3-<time> folder in the
+    # temporary directory at every learn(). The agent must not leave one behind.
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.delenv("SB3_LOGDIR", raising=False)
 
     config = load_config(DEMO_CONFIG, [f"output_dir={workdir / 'runs'}", "reward_images=200", "bn_images=100"])
     data = prepare_data(config)
@@ -216,3 +222,4 @@ def test_same_seed_reproduces_search_episodes(workdir: Path) -> None:
         policies.append(found)
     assert len(policies[0]) == 6
     assert policies[0] == policies[1]
+    assert not list(tmp_path.glob("SB3-*"))
