@@ -9,17 +9,21 @@ CIFAR-10 JPEG test split (10,000 images).
 
 Run: python benchmarks/search_quality.py [--episodes 250] [--targets 0.3 0.5] [--seed 0]
   -> benchmarks/results/search_quality.json (the MLflow store goes to a temporary folder)
+Entries of targets that are not run again are kept, each with the environment version
+and date it was measured with.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from pathlib import Path
 
-from _common import REPO_ROOT, shared_data, write_result
+from _common import REPO_ROOT, RESULTS_DIR, shared_data, write_result
 
+from rl_pruner import envs
 from rl_pruner.config import load_config
 from rl_pruner.search import run_search
 
@@ -33,7 +37,7 @@ def main() -> None:
 
     data = shared_data()
     store = Path(tempfile.mkdtemp(prefix="rl-pruner-quality-"))
-    results = {}
+    results = _earlier_targets()
     for target in args.targets:
         overrides = [
             f"macs_target={target}", f"episodes={args.episodes}", f"seed={args.seed}",
@@ -56,13 +60,21 @@ def main() -> None:
             "test_top1": test, "margin_over_best_baseline": margin,
             "baseline_rewards": {name: record["reward"] for name, record in summary["baselines"].items()},
             "best_reward_per_episode": summary.get("best_reward_curve", []),
-            "run_id": summary["run_id"],
+            "run_id": summary["run_id"], "environment": envs.ENV_ID, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
         print(f"target {target}: best {test['best']:.2f} %, baselines "
               + ", ".join(f"{n} {v:.2f} %" for n, v in baselines.items()) + f", margin {margin:+.2f} points")
         write_result("search_quality", {"model": "cifar_resnet56", "criterion": config.criterion,
                                         "reward_images": config.reward_images, "bn_images": config.bn_images,
-                                        "targets": results})
+                                        "targets": dict(sorted(results.items(), key=lambda item: float(item[0])))})
+
+
+def _earlier_targets() -> dict[str, dict]:
+    """Return the per-target entries of the existing result file, or an empty dict without one."""
+    path = RESULTS_DIR / "search_quality.json"
+    if not path.exists():
+        return {}
+    return dict(json.loads(path.read_text())["targets"])
 
 
 if __name__ == "__main__":
