@@ -7,7 +7,7 @@ the baselines (uniform, Torch-Pruning's global L1 and LAMP allocations, all with
 same criterion, batch-norm re-estimation and budget) are then scored on the whole
 CIFAR-10 JPEG test split (10,000 images).
 
-Run: python benchmarks/search_quality.py [--episodes 250] [--targets 0.3 0.5] [--seed 0]
+Run: python benchmarks/search_quality.py [--episodes 248] [--targets 0.3 0.5] [--seed 0]
   -> benchmarks/results/search_quality.json (the MLflow store goes to a temporary folder)
 Entries of targets that are not run again are kept, each with the environment version
 and date it was measured with.
@@ -30,7 +30,7 @@ from rl_pruner.search import run_search
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--episodes", type=int, default=250)
+    parser.add_argument("--episodes", type=int, default=248)
     parser.add_argument("--targets", type=float, nargs="+", default=[0.3, 0.5])
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()

@@ -211,7 +211,9 @@ class SearchConfig:
     :param input_size: Side in pixels of the square model input, or None for the
         model's own (32 for CIFAR ResNets, 224 for torchvision models, 640 for YOLOv7;
         YOLOv7 sizes must be multiples of 32). Detector images are letterboxed to it.
-    :param episodes: Episodes of the search, >= 1. One episode builds one policy.
+    :param episodes: Episodes of the search, >= 1. One episode builds one policy. Episodes
+        run in batches of ``ppo.episodes_per_update``, so a multiple of it evaluates no
+        episode that is not logged.
     :param seed: Seed of the data splits, the agent and the environment, >= 0.
     :param baselines: Policies to compare against, any of ``uniform``, ``global_l1`` and
         ``global_lamp``, each at most once.
@@ -240,7 +242,7 @@ class SearchConfig:
     calibration_images: int = 512
     batch_size: int = 500
     input_size: int | None = None
-    episodes: int = 300
+    episodes: int = 304
     seed: int = 0
     baselines: list[str] = field(default_factory=lambda: list(BASELINES))
     output_dir: str = "runs"
@@ -500,7 +502,7 @@ _RULES: dict[str, _Rule] = {
     "reward.conf_threshold": _UNIT_INTERVAL,
     "reward.iou_threshold": _UNIT_INTERVAL,
     "reward.max_ground_truths": _at_least(1, "100"),
-    "episodes": _at_least(1, "300"),
+    "episodes": _at_least(1, "304"),
     "seed": _at_least(0, "0"),
     "output_dir": _not_empty("runs"),
     "ppo.learning_rate": _positive("3e-4"),

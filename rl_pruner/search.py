@@ -336,6 +336,7 @@ class Search:
         remaining = self.config.episodes - self.state.episodes_done
         if remaining <= 0:
             return
+        self._warn_of_unlogged_episodes(remaining)
         episode_length = len(self.structure.layers)
         if agent_path is not None:
             self.agent = load_ppo(agent_path, self.vec_env)
@@ -355,6 +356,23 @@ class Search:
                 signal.signal(signal.SIGINT, previous_handler)
         if self._stop_requested:
             raise KeyboardInterrupt
+
+    def _warn_of_unlogged_episodes(self, remaining: int) -> None:
+        """Warn when the episode budget ends inside a batch of sub-environment episodes.
+
+        The sub-environments step in lockstep, so the last batch evaluates all its
+        episodes, and those past the budget cost time without being logged.
+        """
+        at_once = self.vec_env.num_envs
+        surplus = -remaining % at_once
+        if not surplus:
+            return
+        fewer = self.config.episodes - remaining % at_once
+        more = self.config.episodes + surplus
+        choices = f"{fewer} or {more}" if fewer > self.state.episodes_done else str(more)
+        logger.warning("%d episodes remain and ppo.episodes_per_update = %d run at once, so the last batch "
+                       "evaluates %d episodes that are not logged; set episodes to %s to avoid it",
+                       remaining, at_once, surplus, choices)
 
     def _catch_ctrl_c(self) -> Any:
         """Turn the first Ctrl-C into a stop at the next step boundary; a second one stops at once."""

@@ -322,7 +322,7 @@ def test_config_from_dict_rejects_list() -> None:
 
 def test_fix_names_override_or_file(tmp_path: Path) -> None:
     path = write_config(tmp_path, MINIMAL + "episodes: 0\n")
-    with pytest.raises(ConfigError, match=rf"fix 'episodes' in {path} or pass --set episodes=300"):
+    with pytest.raises(ConfigError, match=rf"fix 'episodes' in {path} or pass --set episodes=304"):
         load_config(path)
-    with pytest.raises(ConfigError, match=r"^--set episodes=-5: .*pass e\.g\. --set episodes=300$"):
+    with pytest.raises(ConfigError, match=r"^--set episodes=-5: .*pass e\.g\. --set episodes=304$"):
         load_config(write_config(tmp_path, MINIMAL), ["episodes=-5"])

@@ -54,6 +54,7 @@ def test_search_run_then_apply(workdir: Path) -> None:
     result = _cli("search", str(DEMO_CONFIG), "--set", "episodes=8", *_store_settings(workdir, "e2e"), "--json",
                   cwd=workdir)
     assert result.returncode == 0, result.stderr
+    assert "not logged" not in result.stderr
     summary = json.loads(result.stdout)
     client = _client(workdir, "e2e")
     run = client.get_run(summary["run_id"])
@@ -84,13 +85,18 @@ def test_search_run_then_apply(workdir: Path) -> None:
 
 
 def test_resume_continues_the_same_run(workdir: Path) -> None:
-    first = _cli("search", str(DEMO_CONFIG), "--set", "episodes=4", *_store_settings(workdir, "resume"), "--json",
+    # The demo runs 4 episodes at once: 2 end the first run inside a batch, and the
+    # resumed run starts in the middle of one.
+    first = _cli("search", str(DEMO_CONFIG), "--set", "episodes=2", *_store_settings(workdir, "resume"), "--json",
                  cwd=workdir)
     assert first.returncode == 0, first.stderr
+    assert "evaluates 2 episodes that are not logged; set episodes to 4 to avoid it" in first.stderr
     run_id = json.loads(first.stdout)["run_id"]
     second = _cli("search", str(DEMO_CONFIG), "--set", "episodes=8", *_store_settings(workdir, "resume"),
                   "--resume", run_id, "--json", cwd=workdir)
     assert second.returncode == 0, second.stderr
+    assert "6 episodes remain" in second.stderr
+    assert "set episodes to 6 or 10 to avoid it" in second.stderr
     assert json.loads(second.stdout)["run_id"] == run_id
     assert _episode_steps(_client(workdir, "resume"), run_id) == list(range(8))
 
