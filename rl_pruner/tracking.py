@@ -80,7 +80,7 @@ _MLFLOW_URI_KEYWORDS = ("databricks", "databricks-uc", "uc")
 _RUNS_URI = re.compile(r"^runs:/(?P<run_id>[^/]+)/(?P<path>.+)$")
 
 
-def check_tracking_uri(uri: str, timeout_s: float = 5.0) -> None:
+def check_tracking_uri(uri: str, timeout_s: float = 5.0, *, setting: str = "tracking.uri") -> None:
     """Check that MLflow can record runs at ``uri``, without creating anything.
 
     ``http(s)://`` servers must return HTTP 200 for ``GET <uri>/health`` within
@@ -88,28 +88,29 @@ def check_tracking_uri(uri: str, timeout_s: float = 5.0) -> None:
     directory that will hold the store must exist and be writable, or its nearest
     existing ancestor must be a writable directory so that it can be created.
 
-    Raises ConfigError naming the URI and the fix.
+    Raises ConfigError naming the URI and the fix. The fix names ``setting``, where the
+    user gave the URI: the config key, or a command's option.
     """
     scheme = urlsplit(uri).scheme.lower()
     if scheme in ("http", "https"):
-        _check_server(uri, timeout_s)
+        _check_server(uri, timeout_s, setting)
     elif scheme == "sqlite":
         database = _sqlite_database_path(uri)
-        _check_writable(database, uri, is_dir=False)
+        _check_writable(database, uri, setting, is_dir=False)
     elif scheme == "file":
         _check_file_store_allowed(uri)
-        _check_writable(Path(local_file_uri_to_path(uri)), uri, is_dir=True)
+        _check_writable(Path(local_file_uri_to_path(uri)), uri, setting, is_dir=True)
     elif scheme == "" and uri.strip() and uri not in _MLFLOW_URI_KEYWORDS:
         _check_file_store_allowed(uri)
-        _check_writable(Path(uri), uri, is_dir=True)
+        _check_writable(Path(uri), uri, setting, is_dir=True)
     else:
         raise ConfigError(
             f"tracking URI {_redact(uri)!r} is not supported by rl-pruner; use one of "
-            f"{', '.join(SUPPORTED_SCHEMES)} (for example {DEFAULT_TRACKING_URI}) in tracking.uri"
+            f"{', '.join(SUPPORTED_SCHEMES)} (for example {DEFAULT_TRACKING_URI}) in {setting}"
         )
 
 
-def _check_server(uri: str, timeout_s: float) -> None:
+def _check_server(uri: str, timeout_s: float, setting: str) -> None:
     # mlflow's own HTTP helper applies the same credentials and TLS settings
     # (MLFLOW_TRACKING_TOKEN, MLFLOW_TRACKING_INSECURE_TLS, ...) as the runs will.
     from mlflow.utils.credentials import get_default_host_creds
@@ -145,7 +146,7 @@ def _check_server(uri: str, timeout_s: float) -> None:
         return
     raise ConfigError(
         f"tracking server at {_redact(uri)} is not reachable ({reason}); "
-        f"start it with 'mlflow server --host 127.0.0.1 --port PORT' or fix tracking.uri"
+        f"start it with 'mlflow server --host 127.0.0.1 --port PORT' or fix {setting}"
     )
 
 
@@ -175,7 +176,7 @@ def _sqlite_database_path(uri: str) -> Path:
     return Path(database)
 
 
-def _check_writable(path: Path, uri: str, *, is_dir: bool) -> None:
+def _check_writable(path: Path, uri: str, setting: str, *, is_dir: bool) -> None:
     """Check that ``path`` (a store directory or a database file) can be written or created."""
     target = path.absolute()
     if target.exists():
@@ -201,7 +202,7 @@ def _check_writable(path: Path, uri: str, *, is_dir: bool) -> None:
     if problem is not None:
         raise ConfigError(
             f"tracking URI {_redact(uri)!r} cannot be used: {problem}; "
-            f"fix tracking.uri, for example {DEFAULT_TRACKING_URI} in a writable working directory"
+            f"fix {setting}, for example {DEFAULT_TRACKING_URI} in a writable working directory"
         )
 
 
@@ -233,6 +234,8 @@ class SearchTracker:
         False creates a new run through the client only, so that other runs, such as the
         stages of a pipeline, can start and end in this process while this one is open.
         False cannot be combined with ``resume_run_id``.
+    :param uri_setting: where the user gave ``tracking_uri`` (``tracking.uri`` in a config,
+        ``--tracking-uri`` on a command line), named in the error's fix.
     """
 
     def __init__(
@@ -245,6 +248,7 @@ class SearchTracker:
         resume_run_id: str | None = None,
         parent_run_id: str | None = None,
         set_active: bool = True,
+        uri_setting: str = "tracking.uri",
     ) -> None:
         if not set_active and resume_run_id is not None:
             raise ValueError("SearchTracker resumes a run only as the active run; pass set_active=True")
@@ -256,6 +260,7 @@ class SearchTracker:
             self.tags[PARENT_RUN_TAG] = parent_run_id
         self.resume_run_id = resume_run_id
         self.set_active = set_active
+        self.uri_setting = uri_setting
         self._run_id: str | None = None
         self._client: MlflowClient | None = None
         self._logged_params: dict[str, str] = {}
@@ -275,7 +280,7 @@ class SearchTracker:
         return self._client
 
     def __enter__(self) -> SearchTracker:
-        check_tracking_uri(self.tracking_uri)
+        check_tracking_uri(self.tracking_uri, setting=self.uri_setting)
         if urlsplit(self.tracking_uri).scheme.lower() == "sqlite":
             # SQLAlchemy creates the database file but not its directory.
             _sqlite_database_path(self.tracking_uri).absolute().parent.mkdir(parents=True, exist_ok=True)

@@ -367,3 +367,18 @@ def test_sparsify_rejects_pruned_model(tmp_path: Path, capsys: pytest.CaptureFix
         f"rl-pruner: error: --model is 'pruned:{pruned}'; sparsify trains a dense model before pruning, "
         "so pass a model name with its --checkpoint\n"
     )
+
+
+def test_unusable_tracking_uri_names_option(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    dense, pruned = _dense_and_pruned(tmp_path, "digits_cnn")
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file, not a directory")
+    out = tmp_path / "finetuned.pt"
+    args = _parse("finetune", "--model", f"pruned:{pruned}", "--teacher", str(dense), "--data", "builtin:digits",
+                  "--epochs", "1", "--device", "cpu", "--out", str(out), "--tracking-uri", f"sqlite:///{blocker}/mlflow.db")
+
+    assert run_training_command(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert f"{blocker} is a file, so {blocker / 'mlflow.db'} cannot be created; fix --tracking-uri," in err
+    assert not out.exists()

@@ -539,7 +539,7 @@ def _tracker(args: argparse.Namespace, command: str) -> SearchTracker | _NoTrack
     return SearchTracker(
         args.tracking_uri, args.experiment, run_name=f"{command} {Path(args.out).name}",
         tags={"rl_pruner.command": command, "rl_pruner.model": args.model}, resume_run_id=resume_run_id,
-        parent_run_id=getattr(args, "parent_run_id", None),
+        parent_run_id=getattr(args, "parent_run_id", None), uri_setting="--tracking-uri",
     )
 
 
