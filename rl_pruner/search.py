@@ -370,9 +370,9 @@ class Search:
         fewer = self.config.episodes - remaining % at_once
         more = self.config.episodes + surplus
         choices = f"{fewer} or {more}" if fewer > self.state.episodes_done else str(more)
-        logger.warning("%d episodes remain and ppo.episodes_per_update = %d run at once, so the last batch "
-                       "evaluates %d episodes that are not logged; set episodes to %s to avoid it",
-                       remaining, at_once, surplus, choices)
+        budget = f"{remaining} episodes remain" if self.state.episodes_done else f"episodes is {remaining}"
+        logger.warning("%s and ppo.episodes_per_update = %d run at once, so the last batch evaluates %d episodes "
+                       "that are not logged; set episodes to %s to avoid it", budget, at_once, surplus, choices)
 
     def _catch_ctrl_c(self) -> Any:
         """Turn the first Ctrl-C into a stop at the next step boundary; a second one stops at once."""

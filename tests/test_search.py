@@ -90,7 +90,8 @@ def test_resume_continues_the_same_run(workdir: Path) -> None:
     first = _cli("search", str(DEMO_CONFIG), "--set", "episodes=2", *_store_settings(workdir, "resume"), "--json",
                  cwd=workdir)
     assert first.returncode == 0, first.stderr
-    assert "evaluates 2 episodes that are not logged; set episodes to 4 to avoid it" in first.stderr
+    assert ("episodes is 2 and ppo.episodes_per_update = 4 run at once, so the last batch evaluates 2 episodes "
+            "that are not logged; set episodes to 4 to avoid it") in first.stderr
     run_id = json.loads(first.stdout)["run_id"]
     second = _cli("search", str(DEMO_CONFIG), "--set", "episodes=8", *_store_settings(workdir, "resume"),
                   "--resume", run_id, "--json", cwd=workdir)
