@@ -16,7 +16,7 @@ from typing import Any
 
 from rl_pruner import __version__
 from rl_pruner.errors import InputError, RLPrunerError
-from rl_pruner.outputs import check_distinct_files, check_output_path
+from rl_pruner.outputs import check_distinct_files, check_output_path, input_files
 from rl_pruner.training.cli import add_training_commands, run_training_command
 
 logger = logging.getLogger("rl_pruner")
@@ -184,19 +184,6 @@ def _emit(args: argparse.Namespace, result: dict[str, Any], report: Callable[[di
         sys.stdout.write(report(result))
 
 
-def _input_files(args: argparse.Namespace) -> dict[str, Path]:
-    """Return the local files a command reads, by option, so that --out can be checked against each."""
-    files = {}
-    if getattr(args, "checkpoint", None):
-        files["--checkpoint"] = Path(args.checkpoint)
-    policy = getattr(args, "policy", None)
-    if policy and not policy.startswith("runs:/"):
-        files["--policy"] = Path(policy)
-    if str(getattr(args, "model", "")).startswith("pruned:"):
-        files["--model"] = Path(args.model.removeprefix("pruned:"))
-    return files
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -210,8 +197,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         # Checked before importing the commands, which load torch and take seconds.
         if args.command in ("policy", "apply"):
-            # An --out that is an input is refused even with --force, so that check comes first.
-            check_distinct_files({**_input_files(args), "--out": Path(args.out)})
+            # An --out that is an input is rejected even with --force, so that check comes first.
+            check_distinct_files({**input_files(args), "--out": Path(args.out)})
             check_output_path(args.out, args.force)
         if args.command == "export-yaml":
             for name in ("model.yaml", "weights.pt"):

@@ -5,6 +5,7 @@ This module imports nothing heavy, so the CLI checks its outputs before it loads
 
 from __future__ import annotations
 
+import argparse
 import os
 import tempfile
 from collections.abc import Callable, Mapping
@@ -16,8 +17,8 @@ from rl_pruner.errors import InputError
 def check_output_path(path: str | Path, force: bool, flag: str = "--out") -> Path:
     """Return ``path`` as a Path, or raise InputError if a file cannot be written there.
 
-    Refused: an existing file without ``force``, a directory, and a path below an
-    existing file. Missing parent directories are fine; the writer creates them.
+    Rejected: an existing file without ``force``, a directory, and a path below an
+    existing file. Missing parent directories are accepted because the writer creates them.
     """
     out = Path(path)
     if out.is_dir():
@@ -30,6 +31,22 @@ def check_output_path(path: str | Path, force: bool, flag: str = "--out") -> Pat
                 raise InputError(f"{flag} {out}: {parent} is a file, not a directory; choose a path in a directory")
             break
     return out
+
+
+def input_files(args: argparse.Namespace) -> dict[str, Path]:
+    """Return the local files that a command's options name as inputs, by option.
+
+    These are ``--checkpoint``, ``--teacher``, a ``--policy`` file (not a ``runs:/``
+    artifact) and the file of a ``pruned:`` ``--model``, where the command has them.
+    """
+    files = {f"--{name}": Path(getattr(args, name)) for name in ("checkpoint", "teacher") if getattr(args, name, None)}
+    policy = getattr(args, "policy", None)
+    if policy and not policy.startswith("runs:/"):
+        files["--policy"] = Path(policy)
+    model = str(getattr(args, "model", ""))
+    if model.startswith("pruned:"):
+        files["--model"] = Path(model.removeprefix("pruned:"))
+    return files
 
 
 def check_distinct_files(files: Mapping[str, Path]) -> None:

@@ -57,7 +57,7 @@ def _three_class_folder(directory: Path) -> Path:
 
 
 @pytest.mark.parametrize(("student", "teacher"), [("digits_cnn", "cifar_resnet20"), ("cifar_resnet20", "digits_cnn")])
-def test_finetune_rejects_teacher_of_other_architecture(
+def test_finetune_rejects_other_architecture_teacher(
     student: str, teacher: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     _, pruned = _dense_and_pruned(tmp_path, student)
@@ -302,7 +302,7 @@ def test_finetune_out_never_replaces_an_input(
         assert target.read_bytes() == before
 
 
-def test_state_below_a_file_rejected_before_training(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_state_below_file_rejected_early(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     dense, _ = _dense_and_pruned(tmp_path, "digits_cnn")
     notes = tmp_path / "notes.txt"
     notes.write_text("not a directory\n")
@@ -317,7 +317,7 @@ def test_state_below_a_file_rejected_before_training(tmp_path: Path, capsys: pyt
     assert not out.exists()
 
 
-def test_resume_of_file_that_is_not_a_state_names_state(
+def test_resume_non_state_names_state_flag(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     dense, _ = _dense_and_pruned(tmp_path, "digits_cnn")
@@ -330,7 +330,7 @@ def test_resume_of_file_that_is_not_a_state_names_state(
     assert err.startswith(f"rl-pruner: error: --state {notes}: checkpoint {notes} is not a PyTorch checkpoint")
 
 
-def test_resume_accepts_another_spelling_of_a_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_resume_accepts_equivalent_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     dense, pruned = _dense_and_pruned(tmp_path, "digits_cnn")
     out = tmp_path / "out.pt"
     assert run_training_command(_digits_finetune(pruned, dense, out)) == 0

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rl_pruner.errors import InputError, RLPrunerError
-from rl_pruner.outputs import check_distinct_files, check_output_path
+from rl_pruner.outputs import check_distinct_files, check_output_path, input_files
 
 if TYPE_CHECKING:
     from torch import nn
@@ -384,10 +384,7 @@ def _state_path(args: argparse.Namespace) -> Path:
 def _check_no_input_replaced(args: argparse.Namespace) -> None:
     """Raise InputError when --out or --state is the file of an input, even with --force."""
     # Inputs first, so that a clash names the output to change.
-    files = {f"--{flag}": Path(getattr(args, flag)) for flag in ("checkpoint", "teacher") if getattr(args, flag, None)}
-    if str(args.model).startswith("pruned:"):
-        files["--model"] = Path(args.model.removeprefix("pruned:"))
-    check_distinct_files({**files, "--out": Path(args.out), "--state": _state_path(args)})
+    check_distinct_files({**input_files(args), "--out": Path(args.out), "--state": _state_path(args)})
 
 
 def _check_state_path(args: argparse.Namespace) -> None:

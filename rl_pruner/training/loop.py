@@ -301,7 +301,8 @@ def train(
             while position.epoch < config.epochs:
                 run.train_epoch(train_data, steps_per_epoch, bar, stop_requested)
                 run.finish_epoch(test_batches, progress)
-                # Ctrl-C during the evaluation stops before the next epoch; after the last one the run is complete.
+                # Ctrl-C during the evaluation stops the run before the next epoch starts. After the
+                # last epoch there is nothing left to stop, so the run completes.
                 if stop_requested() and position.epoch < config.epochs:
                     run.stop()
     finally:

@@ -384,9 +384,9 @@ def train_with_masks(
 
     When training ends, or stops on Ctrl-C or an error in a step, the masked weights are
     written into the layers and the masks removed, so the model and ``best_state_dict``
-    have plain weights. The models given to ``export_model`` have no masks either. Bad
-    input that ``train`` rejects before its first step (an RLPrunerError: data, resume
-    state) leaves the model's weights as they were. ``train_arguments`` go to ``train``.
+    have plain weights. The models given to ``export_model`` have no masks either. An
+    RLPrunerError from ``train`` (bad data, a resume state that does not fit) restores
+    the weights the model had before. ``train_arguments`` go to ``train``.
     """
     original = {name: value.detach().clone() for name, value in model.state_dict().items()}
     attach_weight_masks(model, masks, straight_through=straight_through)
